@@ -1,0 +1,266 @@
+"""Train the denoiser's U-Net (model.py) on clean speech + noise mixed on the fly (dataset.py).
+
+    python train.py                                   # ../shared/data/train, checkpoints in ./checkpoints
+    python train.py --resume                          # carry on from checkpoints/last.pt
+    python train.py --speech DNS/clean --noise DNS/noise   # the layout download_dataset.py writes
+    torchrun --nproc_per_node=4 train.py              # several GPUs (DistributedDataParallel)
+
+Then `python export_model.py` turns checkpoints/best.pt into denoiser.onnx.
+
+What the model learns on is exactly what the live pipeline feeds it: one 3200-sample (200 ms) window, a
+512-point Hann STFT with 128-sample hops and center=True (26 frames), log-magnitude in, mask out. The loss
+is SI-SNR of the waveform rebuilt from mask x noisy magnitude with the noisy phase, so the model is judged
+on the audio a listener hears, phase errors included, rather than on a magnitude it never outputs.
+Validation each epoch: SI-SNR on a fixed synthetic set, and SI-SNR improvement and PESQ-WB on the paired dev
+set run through the pipeline's 50%-overlap windowing; the best dev PESQ is kept as best.pt.
+Runs on CUDA (bf16 autocast), Apple MPS or CPU, picked automatically. Constants below; flags override.
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import dataset
+import model as M
+
+SPEECH_DIR = "../shared/data/train/speech"   # clean speech, searched recursively
+NOISE_DIR = "../shared/data/train/noise"     # noise recordings, searched recursively
+DEV_DIR = "../shared/data/dev"               # paired clean/ and noisy/ for validation ("" to skip)
+OUT_DIR = "checkpoints"                      # last.pt, best.pt and train_log.csv go here
+SEGMENT_SAMP = 3200        # training window; 3200 = the pipeline's window (longer segments lost ~1 dB on it)
+BATCH_SIZE = 64            # windows per step; 64 x 0.2 s = 12.8 s of audio
+EPOCHS = 50                # the cosine schedule spans all of them
+STEPS_PER_EPOCH = 200      # mixing is dynamic, so an "epoch" is a step count; 200 is ~4 min on 2 CPU cores
+LR = 1e-3                  # Adam start; lower to 5e-4 if the loss jumps about
+LR_MIN = 1e-5              # cosine annealing floor
+GRAD_CLIP = 5.0            # max gradient norm; SI-SNR gradients spike on near-silent windows
+VAL_EXAMPLES = 256         # fixed synthetic validation windows
+DEV_FILES = 40             # dev pairs scored each epoch (0 = none); PESQ-WB costs ~0.3 s a file
+SEED = 1234                # data and init seed; each DDP rank offsets it
+NUM_THREADS = 0            # CPU threads for torch; 0 = all cores
+BASE_CH = M.BASE_CH        # U-Net width; see model.py
+
+
+def si_snr(est, ref, eps=1e-8):
+    """Scale-invariant SNR in dB per row of [B, N]. Zero-mean first: a DC offset is not speech."""
+    est = est - est.mean(-1, keepdim=True)
+    ref = ref - ref.mean(-1, keepdim=True)
+    proj = (est * ref).sum(-1, keepdim=True) / (ref.pow(2).sum(-1, keepdim=True) + eps) * ref
+    noise = est - proj
+    return 10 * torch.log10(proj.pow(2).sum(-1) / (noise.pow(2).sum(-1) + eps) + eps)
+
+
+def si_snr_loss(est, ref):
+    return -si_snr(est, ref).mean()
+
+
+def enhance_windowed(net, noisy, window=SEGMENT_SAMP, batch=256):
+    """Whole-file enhancement the way ml_denoiser_pipeline.py does it: 50%-overlapping windows, each
+    enhanced alone, joined by periodic-Hann overlap-add (constant overlap-add, so no seams). Returns the
+    output aligned with the input (the pipeline's algorithmic delay removed)."""
+    hop = window // 2
+    n = noisy.shape[-1]
+    frames = math.ceil(n / hop) + 1
+    padded = torch.zeros(hop + frames * hop + hop, device=noisy.device)
+    padded[hop:hop + n] = noisy
+    starts = torch.arange(0, frames + 1) * hop
+    wins = torch.stack([padded[s:s + window] for s in starts.tolist()])
+    outs = []
+    for i in range(0, len(wins), batch):
+        outs.append(M.enhance(net, wins[i:i + batch])[0])
+    outs = torch.cat(outs) * torch.hann_window(window, periodic=True, device=noisy.device)
+    out = torch.zeros_like(padded)
+    for s, o in zip(starts.tolist(), outs):
+        out[s:s + window] += o
+    return out[hop:hop + n]
+
+
+def pesq_wb(ref, deg):
+    from pesq import pesq, PesqError
+    try:
+        return pesq(M.SAMPLE_RATE, ref, deg, "wb")
+    except PesqError:
+        return float("nan")
+
+
+@torch.no_grad()
+def validate(net, val, dev, device):
+    net.eval()
+    noisy, clean = (torch.from_numpy(a).to(device) for a in val)
+    est = torch.cat([M.enhance(net, noisy[i:i + 64])[0] for i in range(0, len(noisy), 64)])
+    row = {"val_si_snr": si_snr(est, clean).mean().item()}
+    if dev:
+        gains, pesqs = [], []
+        for _, nz, cl, _ in dev:
+            out = enhance_windowed(net, torch.from_numpy(nz).to(device)).cpu()
+            ref = torch.from_numpy(cl)
+            gains.append((si_snr(out[None], ref[None]) - si_snr(torch.from_numpy(nz)[None], ref[None])).item())
+            pesqs.append(pesq_wb(cl, out.numpy()))
+        row["dev_si_snri"] = float(np.mean(gains))
+        row["dev_pesq_wb"] = float(np.nanmean(pesqs))
+    net.train()
+    return row
+
+
+def pick_device():
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description="Train the denoiser U-Net.", allow_abbrev=False)
+    ap.add_argument("--speech", default=SPEECH_DIR)
+    ap.add_argument("--noise", default=NOISE_DIR)
+    ap.add_argument("--dev", default=DEV_DIR, help="paired dev set (clean/ noisy/); '' to skip")
+    ap.add_argument("--out-dir", default=OUT_DIR)
+    ap.add_argument("--segment-samp", type=int, default=SEGMENT_SAMP)
+    ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
+    ap.add_argument("--steps-per-epoch", type=int, default=STEPS_PER_EPOCH)
+    ap.add_argument("--lr", type=float, default=LR)
+    ap.add_argument("--lr-min", type=float, default=LR_MIN)
+    ap.add_argument("--grad-clip", type=float, default=GRAD_CLIP)
+    ap.add_argument("--val-examples", type=int, default=VAL_EXAMPLES)
+    ap.add_argument("--dev-files", type=int, default=DEV_FILES)
+    ap.add_argument("--base-ch", type=int, default=BASE_CH)
+    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--num-threads", type=int, default=NUM_THREADS)
+    ap.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in this run (smoke tests)")
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = int(os.environ.get("RANK", "0"))
+    device = pick_device()
+    if distributed:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    main_proc = rank == 0
+    out = Path(args.out_dir)
+    last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "train_log.csv"
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+
+    speech = dataset.load_corpus(args.speech)
+    noise = dataset.load_corpus(args.noise, min_rms=dataset.SILENT_FILE_RMS)
+    mixer = dataset.Mixer(speech, noise, args.segment_samp)
+    val = dataset.fixed_set(mixer, args.val_examples, seed=args.seed + 999)
+    dev = []
+    if main_proc and args.dev and args.dev_files > 0:
+        dev = dataset.load_pairs(args.dev)[: args.dev_files]
+    hours = lambda clips: sum(len(c) for c in clips) / M.SAMPLE_RATE / 3600
+    data_summary = (f"speech {len(speech)} files {hours(speech):.2f} h from {args.speech}; "
+                    f"noise {len(noise)} files {hours(noise):.2f} h from {args.noise}; "
+                    f"SNR {dataset.SNR_RANGE_DB[0]:g}..{dataset.SNR_RANGE_DB[1]:g} dB")
+
+    torch.manual_seed(args.seed)
+    net = M.UNet(args.base_ch).to(device)
+    if device.type == "cpu":
+        net = net.to(memory_format=torch.channels_last)  # 1.5x faster convolutions on x86 CPUs
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    total_steps = args.epochs * args.steps_per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=args.lr_min)
+    epoch, step, best = 0, 0, -math.inf
+    if args.resume:
+        if not last_path.exists():
+            raise SystemExit(f"error: --resume but no checkpoint at {last_path}")
+        ck = torch.load(last_path, map_location=device, weights_only=False)
+        if ck["config"]["base_ch"] != args.base_ch:
+            raise SystemExit(f"error: {last_path} has base_ch {ck['config']['base_ch']}, not {args.base_ch}")
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        epoch, step, best = ck["epoch"], ck["step"], ck["best"]
+        if main_proc:
+            print(f"resumed from {last_path}: epoch {epoch}, step {step}, best dev PESQ {best:.3f}")
+    train_net = net
+    if distributed:
+        train_net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    # Each epoch draws from its own seed, so a resumed run sees the same data as an uninterrupted one.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    from tqdm import tqdm
+    steps_this_run = 0
+    while epoch < args.epochs:
+        rng = np.random.default_rng([args.seed, epoch, rank])
+        t0, losses = time.time(), []
+        bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not main_proc,
+                   leave=False, dynamic_ncols=True)
+        for _ in bar:
+            noisy, clean = (torch.from_numpy(a).to(device) for a in mixer.batch(rng, args.batch_size))
+            with autocast:
+                spec = M.stft(noisy)
+                feats = M.log_magnitude(spec)
+                if device.type == "cpu":
+                    feats = feats.contiguous(memory_format=torch.channels_last)
+                mask = train_net(feats).squeeze(1).float()
+            est = M.istft(spec * mask, noisy.shape[-1])
+            loss = si_snr_loss(est, clean)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            steps_this_run += 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.2f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+            if args.max_steps and steps_this_run >= args.max_steps:
+                break
+        finished_epoch = len(losses) == args.steps_per_epoch
+        epoch += finished_epoch
+        if not main_proc:
+            if args.max_steps and steps_this_run >= args.max_steps:
+                break
+            continue
+        secs = time.time() - t0
+        row = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
+               "audio_s_per_s": len(losses) * args.batch_size * args.segment_samp / M.SAMPLE_RATE / secs,
+               "epoch_minutes": secs / 60}
+        row.update(validate(net, val, dev, device))
+        score = row.get("dev_pesq_wb", row["val_si_snr"])
+        is_best = score > best
+        best = max(best, score)
+        config = {"base_ch": args.base_ch, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
+                  "sample_rate": M.SAMPLE_RATE, "window_samp": args.segment_samp, "log_eps": M.LOG_EPS,
+                  "data": data_summary}
+        ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+              "epoch": epoch, "step": step, "best": best, "config": config, "metrics": row}
+        torch.save(ck, last_path.with_suffix(".tmp"))
+        os.replace(last_path.with_suffix(".tmp"), last_path)  # a kill mid-save never corrupts last.pt
+        if is_best:
+            torch.save({"model": net.state_dict(), "config": config, "metrics": row, "epoch": epoch, "step": step},
+                       best_path.with_suffix(".tmp"))
+            os.replace(best_path.with_suffix(".tmp"), best_path)
+        new_log = not log_path.exists()
+        with open(log_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new_log:
+                w.writeheader()
+            w.writerow(row)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+              + (" *best*" if is_best else ""), flush=True)
+        if args.max_steps and steps_this_run >= args.max_steps:
+            break
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
