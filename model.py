@@ -11,12 +11,11 @@ Bottom   b  = Conv(8C->16C, /2)
 Decoder  UpBlock(16C->8C) + e4, UpBlock(8C->4C) + e3, UpBlock(4C->2C) + e2, UpBlock(2C->C) + e1
 Head     Conv(C->1) + Sigmoid
 With C = BASE_CH = 32 that is about 3.9 M parameters. Strides halve both frequency and time; every UpBlock
-crops or zero-pads its upsampled map to its skip's size, so any F and any T >= 1 work (the live pipeline's
+crops its upsampled map to its skip's size, so any F and any T >= 1 work (the live pipeline's
 26-frame window and 100-frame training segments run through the same weights).
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 BASE_CH = 32      # channels of the first layer; 16 = 1 M params (faster, ~0.3 dB worse), 32 = spec, 48 = 8.8 M
 N_FFT = 512       # STFT size the model was built for: 257 frequency bins
@@ -33,17 +32,11 @@ def conv_block(c_in, c_out, stride=1):
     )
 
 
-def fit_to(x, ref):
-    """Crop or zero-pad the last two dims of x to ref's; a stride-2 conv of an odd size rounds up."""
-    df = ref.shape[-2] - x.shape[-2]
-    dt = ref.shape[-1] - x.shape[-1]
-    if df == 0 and dt == 0:
-        return x
-    if df < 0 or dt < 0:
-        x = x[..., : ref.shape[-2], : ref.shape[-1]]
-    if df > 0 or dt > 0:
-        x = F.pad(x, (0, max(dt, 0), 0, max(df, 0)))
-    return x
+def crop_to(x, ref):
+    """Crop x's last two dims to ref's. A stride-2 conv rounds odd sizes up and the transposed conv
+    doubles, so the upsampled map is never smaller than its skip; always slicing (no Python branch)
+    keeps the ONNX graph valid for every T."""
+    return x[..., : ref.shape[-2], : ref.shape[-1]]
 
 
 class UpBlock(nn.Module):
@@ -60,7 +53,7 @@ class UpBlock(nn.Module):
         self.mix = conv_block(c_out, c_out)
 
     def forward(self, x, skip):
-        return self.mix(fit_to(self.up(x), skip) + skip)
+        return self.mix(crop_to(self.up(x), skip) + skip)
 
 
 class UNet(nn.Module):

@@ -1,0 +1,160 @@
+"""Export a training checkpoint to the ONNX model the pipeline runs (denoiser.onnx).
+
+    python export_model.py                                  # checkpoints/best.pt -> denoiser.onnx
+    python export_model.py --checkpoint checkpoints/last.pt --output my.onnx
+    python export_model.py --int8                           # also denoiser.int8.onnx, with its cost and gain
+
+The graph takes log|STFT| [1, 1, 257, T] with T free (the pipeline feeds 26 frames) and returns the mask.
+Before writing, onnxruntime is checked against torch on random and on real input (max abs difference must
+stay below PARITY_TOL), and the file gets metadata the pipeline checks on load: sample rate, n_fft, hop,
+window, base channels, a summary of the training data, and the dev metrics of the checkpoint.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import model as M
+
+CHECKPOINT = "checkpoints/best.pt"  # what to export
+OUTPUT = "denoiser.onnx"            # where the pipeline looks by default
+OPSET = 17                          # ONNX opset; 17 is the oldest with everything the graph needs
+PARITY_TOL = 1e-4                   # max |onnxruntime - torch| on the mask; larger means a broken export
+DEV_DIR = "../shared/data/dev"      # real input for the parity check and the --int8 PESQ comparison
+INT8_DEV_FILES = 10                 # dev pairs scored for the INT8 quality change
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: checkpoint not found: {path} (train one with `python train.py`)")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = ck.get("config", {})
+    net = M.UNet(cfg.get("base_ch", M.BASE_CH))
+    net.load_state_dict(ck["model"])
+    return net.eval(), ck
+
+
+def export(net, path, metadata, opset=OPSET):
+    """Write net to ONNX with a free time axis and string metadata, atomically."""
+    import onnx
+    path = Path(path)
+    dummy = torch.randn(1, 1, M.N_FFT // 2 + 1, 26)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent if path.parent.exists() else None)
+    os.close(fd)
+    torch.onnx.export(net, (dummy,), tmp, input_names=["logmag"], output_names=["mask"], opset_version=opset,
+                      dynamic_axes={"logmag": {3: "frames"}, "mask": {3: "frames"}}, dynamo=False)
+    proto = onnx.load(tmp)
+    for k, v in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = str(k), v if isinstance(v, str) else json.dumps(v)
+    onnx.save(proto, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def base_metadata(net, ck=None):
+    cfg = (ck or {}).get("config", {})
+    meta = {"sample_rate": M.SAMPLE_RATE, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
+            "window_samp": cfg.get("window_samp", 3200), "base_ch": net.base_ch, "log_eps": M.LOG_EPS,
+            "parameters": M.count_parameters(net), "producer": "export_model.py"}
+    if ck:
+        meta["training_data"] = cfg.get("data", "unknown")
+        meta["epoch"] = ck.get("epoch", 0)
+        meta["step"] = ck.get("step", 0)
+        meta["dev_metrics"] = {k: round(v, 4) for k, v in ck.get("metrics", {}).items() if isinstance(v, float)}
+    return meta
+
+
+def real_logmag(dev_dir, frames=26):
+    """Features of a real dev recording, so parity is checked on speech and noise, not only on randn."""
+    import soundfile as sf
+    files = sorted(Path(dev_dir, "noisy").glob("*.wav")) if dev_dir else []
+    if not files:
+        return None
+    audio, _ = sf.read(files[0], dtype="float32")
+    x = torch.from_numpy(audio[: M.STFT_HOP_SAMP * (frames - 1) * 4])
+    return M.log_magnitude(M.stft(x[None]))
+
+
+def check_parity(net, path, dev_dir=DEV_DIR, tol=PARITY_TOL):
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = [("random T=26", torch.randn(1, 1, 257, 26) * 3 - 5), ("random T=7", torch.randn(1, 1, 257, 7))]
+    real = real_logmag(dev_dir)
+    if real is not None:
+        inputs.append(("real dev audio", real))
+    worst = 0.0
+    for name, x in inputs:
+        with torch.no_grad():
+            ref = net(x).numpy()
+        got = sess.run(None, {"logmag": x.numpy()})[0]
+        diff = float(np.abs(got - ref).max())
+        worst = max(worst, diff)
+        print(f"parity {name}: max |onnx - torch| = {diff:.2e}")
+    if worst >= tol:
+        raise SystemExit(f"error: ONNX output differs from torch by {worst:.2e} (tolerance {tol:g}); not trusted")
+    return worst
+
+
+def int8_report(fp32_path, int8_path, dev_dir, n_files):
+    """Quantize weights to INT8 (dynamic) and print size, hop time and dev PESQ change."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    import dsp
+    import ml_denoiser_pipeline as P
+    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+    rows = []
+    for label, path in (("fp32", fp32_path), ("int8", int8_path)):
+        cfg = P.default_config(model=str(path))
+        chain = P.MLChain(cfg, model_only=True)
+        times = []
+        x = np.random.default_rng(0).standard_normal(cfg.hop_samp).astype(np.float32) * 0.03
+        for i in range(60):
+            t = time.perf_counter()
+            chain.hop(x)
+            times.append(time.perf_counter() - t)
+        row = {"model": label, "MB": Path(path).stat().st_size / 1e6, "hop_ms": 1000 * float(np.median(times[10:]))}
+        if dev_dir:
+            import dataset
+            from pesq import pesq
+            pairs = dataset.load_pairs(dev_dir)[:n_files]
+            row["pesq_wb"] = float(np.mean([pesq(16000, cl, P.denoise_array(nz, str(path)), "wb")
+                                            for _, nz, cl, _ in pairs]))
+        rows.append(row)
+        print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    if "pesq_wb" in rows[0]:
+        print(f"INT8 PESQ-WB change on {n_files} dev pairs (full chain): {rows[1]['pesq_wb'] - rows[0]['pesq_wb']:+.3f}")
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Export a checkpoint to ONNX.", allow_abbrev=False)
+    ap.add_argument("--checkpoint", default=CHECKPOINT)
+    ap.add_argument("--output", default=OUTPUT)
+    ap.add_argument("--opset", type=int, default=OPSET)
+    ap.add_argument("--dev", default=DEV_DIR, help="dev set for real-input parity and --int8 PESQ; '' to skip")
+    ap.add_argument("--int8", action="store_true", help="also write a dynamically quantized INT8 model")
+    ap.add_argument("--int8-dev-files", type=int, default=INT8_DEV_FILES)
+    args = ap.parse_args(argv)
+    if args.opset < 17:
+        raise SystemExit("error: --opset must be 17 or newer")
+    dev = args.dev if args.dev and Path(args.dev).is_dir() else ""
+    net, ck = load_checkpoint(args.checkpoint)
+    path = export(net, args.output, base_metadata(net, ck), args.opset)
+    check_parity(net, path, dev)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {M.count_parameters(net) / 1e6:.2f} M parameters)")
+    if args.int8:
+        int8_path = Path(args.output).with_suffix(".int8.onnx")
+        int8_report(path, int8_path, dev, args.int8_dev_files)
+        print(f"wrote {int8_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

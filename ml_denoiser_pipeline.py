@@ -1,0 +1,177 @@
+"""Real-time ML noise suppression: microphone -> U-Net spectral mask -> virtual cable (the app's microphone).
+
+    python ml_denoiser_pipeline.py                               # live: default mic -> virtual cable
+    python ml_denoiser_pipeline.py --mic "USB" --cable "CABLE Input"
+    python ml_denoiser_pipeline.py --input noisy.wav --output clean.wav   # file mode, same code path
+    python ml_denoiser_pipeline.py --input in_dir/ --output out_dir/     # every audio file in a folder
+    python ml_denoiser_pipeline.py --bench                       # time per hop, real-time factor, latency
+
+Edit the constants below (or pass the matching flag, e.g. --spectral-floor 0.18) to change how it sounds.
+One hop of audio, top to bottom (MLChain.hop):
+  100 ms of microphone samples x INPUT_GAIN slide into a 200 ms window
+  -> 512-point Hann STFT, 128-sample hop, center=True: 1 + 3200 / 128 = 26 frames of 257 bins
+  -> denoiser.onnx maps log|STFT| [1, 1, 257, 26] to a mask in [0, 1], floored at SPECTRAL_FLOOR
+  -> mask x noisy magnitude, noisy phase, inverse STFT, periodic-Hann weighted, overlap-added with the
+     previous window (50% overlap of a periodic Hann sums to exactly 1: no seams, no ripple)
+  -> post-EQ (+5 dB 100 Hz..1 kHz, warmth the mask takes away) -> soft gate -> OUTPUT_GAIN -> soft limiter
+  -> the cable.
+Algorithmic latency is WINDOW_SAMP (200 ms): a window is only complete when its last sample has arrived,
+and its first half is finished only once the next window has been added. Real-time budget: every hop
+must be processed in well under HOP_SAMP (100 ms); `--bench` prints how far under it is.
+"""
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import dsp
+
+# ---- tunables: edit here or pass --flag-name VALUE ---------------------------------------------------------
+MODEL = str(Path(__file__).resolve().parent / "denoiser.onnx")  # the ONNX mask model; --model PATH for another
+SAMPLE_RATE = 16000        # Hz; the model was trained at 16 kHz, devices at other rates are resampled
+N_FFT = 512                # STFT size (32 ms); must match the model (checked against its metadata)
+STFT_HOP_SAMP = 128        # STFT hop (8 ms); must match the model
+WINDOW_SAMP = 3200         # model input window (200 ms); longer = more context, more latency
+HOP_SAMP = 1600            # new audio per model run (100 ms) = WINDOW_SAMP / 2 for the 50% overlap-add
+SPECTRAL_FLOOR = 0.12      # lowest mask value: 0.08 aggressive .. 0.18 gentle; raise if the voice sounds thin
+EQ = True                  # post-EQ on (--no-eq to bypass)
+EQ_GAIN_DB = 5.0           # boost between EQ_LOW_HZ and EQ_HIGH_HZ; 0..8 dB, lower if the voice booms
+EQ_LOW_HZ = 100.0          # lower edge of the boost band
+EQ_HIGH_HZ = 1000.0        # upper edge of the boost band
+GATE = True                # soft noise gate on (--no-gate to bypass)
+GATE_FLOOR = 0.0003        # RMS at which the gate is fully closed (-70 dBFS); raise if residual hiss leaks
+GATE_CEIL = 0.004          # RMS at which the gate is fully open (-48 dBFS); lower if soft speech is dimmed
+GATE_HOLD = 8              # hops (100 ms each) the gate stays open after the level drops; keeps consonants
+GATE_RELEASE = 3           # hops to fade from open to closed after the hold; 1 abrupt .. 10 slow
+GATE_DEPTH_DB = 60.0       # attenuation of a fully closed gate; 30 subtle .. 80 near-silent
+GATE_ATTACK_SAMP = 80      # opening ramp (5 ms): fast enough for plosives, slow enough not to click
+INPUT_GAIN = 0.75          # applied before the model; leaves headroom for hot microphones
+OUTPUT_GAIN = 3.2          # applied after the gate; make-up for mask and gate attenuation
+LIMIT_KNEE = 0.9           # soft limiter starts rounding peaks here (full scale = 1.0)
+STARTUP_BUFFER_MS = 300    # live mode: audio at start during which over/underruns are expected and not counted
+ORT_THREADS = 1            # onnxruntime threads; 1 leaves the other cores to the call app
+MIC = None                 # input device: index or name substring; None = the system's default input
+CABLE = None               # output device: index or name substring; None = first virtual cable found
+# ------------------------------------------------------------------------------------------------------------
+NOT_FLAGS = {"NOT_FLAGS", "LOG_EPS_DEFAULT"}
+LOG_EPS_DEFAULT = 1e-6     # log(|X| + eps) as model.py trains; the model's metadata overrides it
+
+
+def load_model(path, cfg):
+    """An onnxruntime session for the mask model, refusing one that was built for another STFT."""
+    import onnxruntime as ort
+    path = Path(path)
+    if not path.is_file():
+        raise dsp.AudioError(f"model not found: {path}. Train one with `python train.py` then "
+                             f"`python export_model.py`, or point --model at a denoiser .onnx file")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = cfg.ort_threads
+    opts.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own untyped errors for corrupt files
+        raise dsp.AudioError(f"cannot load model {path}: {str(e).splitlines()[0]}") from None
+    meta = session.get_modelmeta().custom_metadata_map
+    expected = {"sample_rate": cfg.sample_rate, "n_fft": cfg.n_fft, "stft_hop_samp": cfg.stft_hop_samp}
+    for key, want in expected.items():
+        if key in meta and int(float(meta[key])) != want:
+            raise dsp.AudioError(f"model {path.name} was trained with {key}={meta[key]} but the pipeline "
+                                 f"uses {want}; pass the matching flag or use a matching model")
+    inputs = session.get_inputs()
+    shape = inputs[0].shape if len(inputs) == 1 else None
+    bins = cfg.n_fft // 2 + 1
+    if shape is None or len(shape) != 4 or (isinstance(shape[2], int) and shape[2] != bins):
+        raise dsp.AudioError(f"model {path.name} takes input {shape}, expected [1, 1, {bins}, T] "
+                             f"(log-magnitude of a {cfg.n_fft}-point STFT)")
+    return session, meta
+
+
+class MLChain:
+    """The streaming chain. process() takes blocks of any length and returns the same length, delayed by
+    exactly latency_samples; live audio and file mode both run it, so they cannot disagree."""
+
+    def __init__(self, cfg, model_only=False):
+        if cfg.hop_samp * 2 != cfg.window_samp:
+            raise dsp.AudioError("HOP_SAMP must be WINDOW_SAMP / 2: the Hann overlap-add is only "
+                                 "seamless (constant overlap-add) at 50% overlap")
+        self.session, meta = load_model(cfg.model, cfg)
+        self.input_name = self.session.get_inputs()[0].name
+        self.log_eps = float(meta.get("log_eps", LOG_EPS_DEFAULT))
+        self.cfg, self.model_only = cfg, model_only
+        self.floor = 0.0 if model_only else cfg.spectral_floor
+        self.stft = dsp.WindowSTFT(cfg.window_samp, cfg.n_fft, cfg.stft_hop_samp)
+        self.synthesis = np.hanning(cfg.window_samp + 1)[:-1].astype(np.float32)  # periodic Hann
+        self.window = np.zeros(cfg.window_samp, np.float32)
+        self.ola = np.zeros(cfg.window_samp, np.float32)
+        self.eq = dsp.BandBoost(cfg.eq_gain_db, cfg.eq_low_hz, cfg.eq_high_hz) if cfg.eq and not model_only else None
+        self.gate = (dsp.Gate(cfg.gate_floor, cfg.gate_ceil, cfg.gate_hold, cfg.gate_release, cfg.gate_depth_db,
+                              cfg.gate_attack_samp, cfg.hop_samp) if cfg.gate and not model_only else None)
+        self.framer = dsp.Framer(cfg.hop_samp, self.hop)
+        self.latency_samples = cfg.window_samp  # one hop of framing + the half window still awaiting overlap
+        self.hop_budget_ms = cfg.hop_samp / cfg.sample_rate * 1000
+        self.startup_ms = cfg.startup_buffer_ms
+        self.hop_ms = 0.0
+        self.nan_warning = {}
+
+    def process(self, block):
+        return self.framer.process(dsp.sanitize(np.asarray(block, np.float32), self.nan_warning))
+
+    def hop(self, new):
+        t0 = time.perf_counter()
+        h = self.cfg.hop_samp
+        gain_in = 1.0 if self.model_only else self.cfg.input_gain
+        self.window[:-h] = self.window[h:]
+        self.window[-h:] = new * gain_in
+        spec = self.stft.forward(self.window)
+        logmag = np.log(np.abs(spec) + self.log_eps).astype(np.float32)[None, None]
+        mask = self.session.run(None, {self.input_name: logmag})[0][0, 0]
+        mask = np.maximum(mask, self.floor)
+        self.ola += self.stft.inverse(spec * mask) * self.synthesis
+        out = self.ola[:h].copy()
+        self.ola[:-h] = self.ola[h:]
+        self.ola[-h:] = 0.0
+        if not self.model_only:
+            if self.eq:
+                out = self.eq.process(out)
+            if self.gate:
+                out = self.gate.process(out)
+            out = dsp.soft_limit(out * self.cfg.output_gain, self.cfg.limit_knee)
+        self.hop_ms = (time.perf_counter() - t0) * 1000
+        return out
+
+    def status(self):
+        return {"gate_open": self.gate.openness if self.gate else 1.0, "hop_ms": self.hop_ms,
+                "hop_budget_ms": self.hop_budget_ms}
+
+
+def build_parser():
+    tunables = {k: v for k, v in globals().items() if k.isupper() and k not in NOT_FLAGS}
+    return dsp.build_parser("Real-time ML noise suppressor (chain described in the docstring).", tunables,
+                            __file__)
+
+
+def default_config(**overrides):
+    """The constants above as a config object, with keyword overrides (flag names with underscores)."""
+    return dsp.with_overrides(build_parser().parse_args([]), overrides)
+
+
+def denoise_array(audio, model_path=None, model_only=False):
+    """16 kHz mono float32 in, same length out, aligned (for evaluate.py and tests). model_only=True runs
+    the model's mask alone (no floor, EQ, gate, gains or limiter)."""
+    cfg = default_config(**({"model": model_path} if model_path else {}))
+    return dsp.process_offline(MLChain(cfg, model_only=model_only), np.asarray(audio, np.float32))
+
+
+def latency_ms(cfg=None):
+    cfg = cfg or default_config()
+    return cfg.window_samp / cfg.sample_rate * 1000
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return dsp.run(args, lambda: MLChain(args), args.hop_samp, "hop")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

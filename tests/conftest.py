@@ -1,0 +1,103 @@
+"""Shared fixtures: paths, real ONNX models made on the spot, and real dev audio from ../shared."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DEV = SHARED / "data" / "dev"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def repo():
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def dev_dir():
+    if not (DEV / "clean").is_dir():
+        pytest.skip(f"dev set not found at {DEV} (../shared beside the checkout)")
+    return DEV
+
+
+@pytest.fixture(scope="session")
+def random_net():
+    """A real U-Net from model.py with random weights (base_ch 8)."""
+    import torch
+    import model
+    torch.manual_seed(0)
+    return model.UNet(8).eval()
+
+
+@pytest.fixture(scope="session")
+def random_model(random_net, tmp_path_factory):
+    """random_net exported by export_model.py: the chain must not care which model it runs."""
+    import export_model
+    path = tmp_path_factory.mktemp("models") / "random.onnx"
+    export_model.export(random_net, path, export_model.base_metadata(random_net))
+    return path
+
+
+def tiny_onnx(path, bins=257, value=1.0, metadata=None):
+    """An ONNX graph mapping [1, 1, bins, T] to a constant mask of the same shape (mask forced to `value`)."""
+    import onnx
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("logmag", TensorProto.FLOAT, [1, 1, bins, "T"])
+    y = helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, bins, "T"])
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    val = helper.make_tensor("val", TensorProto.FLOAT, [], [value])
+    nodes = [helper.make_node("Mul", ["logmag", "zero"], ["z"]), helper.make_node("Add", ["z", "val"], ["mask"])]
+    graph = helper.make_graph(nodes, "const_mask", [x], [y], initializer=[zero, val])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    for k, v in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, str(v)
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ones_model(tmp_path_factory):
+    return tiny_onnx(tmp_path_factory.mktemp("models") / "ones.onnx", value=1.0,
+                     metadata={"sample_rate": 16000, "n_fft": 512, "stft_hop_samp": 128})
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_factory():
+    return tiny_onnx
+
+
+@pytest.fixture(scope="session")
+def dev_pair(dev_dir):
+    import soundfile as sf
+    name = sorted((dev_dir / "noisy").glob("*.wav"))[0].name
+    noisy, _ = sf.read(dev_dir / "noisy" / name, dtype="float32")
+    clean, _ = sf.read(dev_dir / "clean" / name, dtype="float32")
+    return name, noisy, clean
+
+
+def tone(freq, seconds, amp=0.1, rate=16000):
+    t = np.arange(int(seconds * rate)) / rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def speechlike(seconds, rate=16000, seed=0, dbfs=-25.0):
+    """Noise shaped by a syllable-rate envelope: broadband like speech, with its 4 Hz on/off rhythm."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate)
+    env = 0.55 + 0.45 * np.sin(2 * np.pi * 4 * np.arange(n) / rate)
+    x = rng.standard_normal(n) * env
+    x *= 10 ** (dbfs / 20) / np.sqrt(np.mean(x ** 2))
+    return x.astype(np.float32)
+
+
+def run_script(script, *args, timeout=300):
+    """Run one of the repo's scripts the way a user does; returns CompletedProcess with text output."""
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)

@@ -1,0 +1,146 @@
+"""ML chain: overlap-add identity, streaming == one-shot, file mode, bad input, benchmark."""
+import numpy as np
+import pytest
+import soundfile as sf
+
+import dsp
+import ml_denoiser_pipeline as P
+from conftest import run_script, speechlike, tone
+
+
+def transparent_config(model):
+    """Mask forced to 1 by the model; EQ, gate and gains out of the way."""
+    return P.default_config(model=str(model), eq=False, gate=False, input_gain=1.0, output_gain=1.0)
+
+
+def test_documented_shape_and_latency(random_model):
+    cfg = P.default_config(model=str(random_model))
+    chain = P.MLChain(cfg)
+    assert chain.stft.frames == 26  # 1 + 3200 / 128 with center=True
+    assert chain.latency_samples == 3200 and P.latency_ms() == 200.0
+
+
+def test_overlap_add_identity(ones_model):
+    chain = P.MLChain(transparent_config(ones_model))
+    x = speechlike(3.0, dbfs=-20)
+    y = np.concatenate([chain.process(x[i:i + 512]) for i in range(0, len(x), 512)])
+    d = chain.latency_samples
+    err = y[d:] - x[:-d]
+    assert 10 * np.log10(np.sum(err ** 2) / np.sum(x[:-d] ** 2)) < -60
+    assert np.abs(y[:d]).max() < 1e-6  # nothing comes out before the first window is complete
+
+
+@pytest.mark.parametrize("block", [1, 37, 160, 512, 1600, 4096])
+def test_streaming_equals_one_shot(random_model, block):
+    cfg = P.default_config(model=str(random_model))
+    x = speechlike(1.2, seed=3) + 0.01 * np.random.default_rng(4).standard_normal(19200).astype(np.float32)
+    one_shot = P.MLChain(cfg).process(x)
+    chain = P.MLChain(cfg)
+    streamed = np.concatenate([chain.process(x[i:i + block]) for i in range(0, len(x), block)])
+    assert np.abs(streamed - one_shot).max() <= 1e-6
+
+
+def test_model_only_matches_torch_windowed_inference(random_model, random_net):
+    """The pipeline runs the model exactly as train.py validates it, so dev metrics in the training log
+    carry over to the pipeline."""
+    torch = pytest.importorskip("torch")
+    import train
+    x = speechlike(1.5, seed=5)
+    with torch.no_grad():
+        ref = train.enhance_windowed(random_net, torch.from_numpy(x)).numpy()
+    got = P.denoise_array(x, str(random_model), model_only=True)
+    assert np.abs(got - ref).max() < 1e-4
+
+
+def test_file_mode_44k_stereo(tmp_path, random_model):
+    rate = 44100
+    x = np.stack([speechlike(2.0, rate=rate), speechlike(2.0, rate=rate, seed=1)], axis=1)
+    sf.write(tmp_path / "in.wav", x, rate)
+    r = run_script("ml_denoiser_pipeline.py", "--input", tmp_path / "in.wav", "--output", tmp_path / "out.wav",
+                   "--model", random_model)
+    assert r.returncode == 0, r.stderr
+    info = sf.info(tmp_path / "out.wav")
+    assert (info.samplerate, info.channels, info.frames) == (rate, 1, len(x))
+
+
+def test_file_mode_aligned_with_input(tmp_path, ones_model):
+    """Output sample n belongs to input sample n: with a transparent chain the file comes back unchanged."""
+    x = speechlike(2.0, dbfs=-20)
+    sf.write(tmp_path / "in.wav", x, 16000, subtype="FLOAT")
+    r = run_script("ml_denoiser_pipeline.py", "--input", tmp_path / "in.wav", "--output", tmp_path / "out.wav",
+                   "--model", ones_model, "--no-eq", "--no-gate", "--input-gain", 1, "--output-gain", 1)
+    assert r.returncode == 0, r.stderr
+    y, _ = sf.read(tmp_path / "out.wav", dtype="float32")
+    assert len(y) == len(x) and np.abs(y - x).max() < 1e-3
+
+
+def test_folder_mode(tmp_path, random_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(3):
+        sf.write(src / f"f{i}.wav", speechlike(0.5, seed=i), 16000)
+    (src / "readme.txt").write_text("not audio")
+    r = run_script("ml_denoiser_pipeline.py", "--input", src, "--output", tmp_path / "out", "--model", random_model)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.wav", "f1.wav", "f2.wav"]
+
+
+def one_line_error(r, pattern):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and pattern in lines[0], r.stderr
+
+
+def test_bad_inputs(tmp_path, random_model):
+    out = tmp_path / "out.wav"
+    base = ("--output", out, "--model", random_model)
+    one_line_error(run_script("ml_denoiser_pipeline.py", "--input", tmp_path / "missing.wav", *base), "not found")
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x00\x01\x00\x00WAVEfmt garbage" * 10)
+    one_line_error(run_script("ml_denoiser_pipeline.py", "--input", tmp_path / "corrupt.wav", *base), "cannot read")
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    one_line_error(run_script("ml_denoiser_pipeline.py", "--input", tmp_path / "empty.wav", *base), "empty")
+    (tmp_path / "doc.pdf").write_bytes(b"%PDF-1.4 not audio")
+    one_line_error(run_script("ml_denoiser_pipeline.py", "--input", tmp_path / "doc.pdf", *base), "cannot read")
+    sf.write(tmp_path / "ok.wav", tone(440, 0.5), 16000)
+    one_line_error(run_script("ml_denoiser_pipeline.py", "--input", tmp_path / "ok.wav", "--output",
+                              tmp_path / "o.xyz", "--model", random_model), "unknown output format")
+    assert not out.exists()
+
+
+def test_missing_and_mismatched_models(tmp_path, tiny_onnx_factory):
+    sf.write(tmp_path / "ok.wav", tone(440, 0.5), 16000)
+    args = ("--input", tmp_path / "ok.wav", "--output", tmp_path / "out.wav")
+    r = run_script("ml_denoiser_pipeline.py", *args, "--model", tmp_path / "none.onnx")
+    one_line_error(r, "model not found")
+    assert "train.py" in r.stderr
+    (tmp_path / "broken.onnx").write_bytes(b"not a model")
+    one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", tmp_path / "broken.onnx"),
+                   "cannot load model")
+    wrong_bins = tiny_onnx_factory(tmp_path / "bins.onnx", bins=129)
+    one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", wrong_bins), "expected [1, 1, 257, T]")
+    wrong_rate = tiny_onnx_factory(tmp_path / "rate.onnx", metadata={"sample_rate": 48000})
+    one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", wrong_rate), "sample_rate=48000")
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_nan_input_warns_and_continues(random_model, capsys):
+    cfg = P.default_config(model=str(random_model))
+    x = speechlike(1.0)
+    x[5000:5100] = np.nan
+    x[9000] = np.inf
+    y = dsp.process_offline(P.MLChain(cfg), x)
+    assert np.isfinite(y).all() and len(y) == len(x)
+    assert capsys.readouterr().err.count("warning") == 1
+
+
+def test_unknown_flag_is_an_error():
+    r = run_script("ml_denoiser_pipeline.py", "--spectral-flor", "0.2")
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+
+
+def test_bench_prints_figures(random_model):
+    r = run_script("ml_denoiser_pipeline.py", "--bench", "--model", random_model)
+    assert r.returncode == 0, r.stderr
+    for key in ("median", "p99", "real-time factor", "algorithmic latency: 200 ms"):
+        assert key in r.stdout
