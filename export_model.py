@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,12 @@ def export(net, path, metadata, opset=OPSET):
     dummy = torch.randn(1, 1, M.N_FFT // 2 + 1, 26)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent if path.parent.exists() else None)
     os.close(fd)
-    torch.onnx.export(net, (dummy,), tmp, input_names=["logmag"], output_names=["mask"], opset_version=opset,
-                      dynamic_axes={"logmag": {3: "frames"}, "mask": {3: "frames"}}, dynamo=False)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated but exports this plain conv net in 1 s where the dynamo
+        # exporter takes 17 s for the same graph and the same numbers.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(net, (dummy,), tmp, input_names=["logmag"], output_names=["mask"], opset_version=opset,
+                          dynamic_axes={"logmag": {3: "frames"}, "mask": {3: "frames"}}, dynamo=False)
     proto = onnx.load(tmp)
     for k, v in metadata.items():
         entry = proto.metadata_props.add()

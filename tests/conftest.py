@@ -101,3 +101,41 @@ def run_script(script, *args, timeout=300):
     """Run one of the repo's scripts the way a user does; returns CompletedProcess with text output."""
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, cwd=REPO)
+
+
+def voiced(seconds, rate=16000, seed=0):
+    """A speech stand-in with what a mask can learn from: harmonics of a gliding pitch, in syllables."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+    f0 = 110 + 60 * rng.random() + 20 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / rate
+    x = sum(np.sin(k * phase) / k for k in range(1, 20))
+    env = np.clip(np.sin(2 * np.pi * 3 * t + rng.random() * 6), 0, None)
+    return (0.1 * x * env).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """speech/ and noise/ folders in the shared-data layout, mixed formats and rates, plus a paired dev/."""
+    import soundfile as sf
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "speech" / "a").mkdir(parents=True)
+    (root / "noise").mkdir()
+    for i in range(6):
+        sf.write(root / "speech" / "a" / f"s{i}.flac", voiced(2.0, seed=i), 16000)
+    sf.write(root / "speech" / "short.wav", voiced(0.1, seed=9), 16000)  # shorter than a window
+    stereo48 = np.stack([voiced(1.5, 48000, seed=7)] * 2, axis=1)
+    sf.write(root / "speech" / "s48k.wav", stereo48, 48000)
+    rng = np.random.default_rng(0)
+    sf.write(root / "noise" / "white.ogg", (0.05 * rng.standard_normal(32000)).astype(np.float32), 16000)
+    brown = np.cumsum(rng.standard_normal(48000)).astype(np.float32)
+    sf.write(root / "noise" / "brown.wav", 0.3 * brown / np.abs(brown).max(), 16000)
+    sf.write(root / "noise" / "silent.wav", np.zeros(16000, np.float32), 16000)
+    for sub in ("clean", "noisy"):
+        (root / "dev" / sub).mkdir(parents=True)
+    for i in range(2):
+        clean = voiced(1.0, seed=20 + i)
+        sf.write(root / "dev" / "clean" / f"d{i}.wav", clean, 16000)
+        sf.write(root / "dev" / "noisy" / f"d{i}.wav", clean + 0.03 * rng.standard_normal(len(clean)), 16000)
+    return root

@@ -1,0 +1,65 @@
+"""export_model.py: ONNX parity with torch, free time axis, metadata the pipeline checks, INT8."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import export_model
+import model as M
+import train
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ck")
+    import os
+    cwd = os.getcwd()
+    os.chdir(out)
+    try:
+        train.main(["--speech", str(tiny_corpus / "speech"), "--noise", str(tiny_corpus / "noise"), "--dev", "",
+                    "--out-dir", str(out), "--base-ch", "8", "--batch-size", "4", "--epochs", "1",
+                    "--steps-per-epoch", "2", "--val-examples", "8", "--num-threads", "1"])
+    finally:
+        os.chdir(cwd)
+    return out / "best.pt"
+
+
+def test_export_parity_metadata_and_free_time_axis(checkpoint, tmp_path, dev_dir):
+    out = tmp_path / "m.onnx"
+    assert export_model.main(["--checkpoint", str(checkpoint), "--output", str(out), "--dev", str(dev_dir)]) == 0
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert meta["sample_rate"] == "16000" and meta["n_fft"] == "512" and meta["stft_hop_samp"] == "128"
+    assert meta["window_samp"] == "3200" and meta["base_ch"] == "8"
+    assert "speech" in meta["training_data"] and "val_si_snr" in json.loads(meta["dev_metrics"])
+    net, _ = export_model.load_checkpoint(checkpoint)
+    for frames in (1, 26, 77):
+        x = torch.randn(1, 1, 257, frames)
+        with torch.no_grad():
+            ref = net(x).numpy()
+        assert np.abs(sess.run(None, {"logmag": x.numpy()})[0] - ref).max() < 1e-4
+
+
+def test_parity_failure_is_refused(checkpoint, tmp_path):
+    net, ck = export_model.load_checkpoint(checkpoint)
+    path = export_model.export(net, tmp_path / "m.onnx", export_model.base_metadata(net, ck))
+    with torch.no_grad():
+        net.head.bias += 1.0  # the ONNX file no longer matches these weights
+    with pytest.raises(SystemExit, match="differs from torch"):
+        export_model.check_parity(net, path, dev_dir="")
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        export_model.main(["--checkpoint", str(tmp_path / "none.pt"), "--output", str(tmp_path / "x.onnx")])
+
+
+def test_int8_export_runs_in_the_pipeline(checkpoint, tmp_path, dev_dir, capsys):
+    out = tmp_path / "m.onnx"
+    assert export_model.main(["--checkpoint", str(checkpoint), "--output", str(out), "--dev", str(dev_dir),
+                              "--int8", "--int8-dev-files", "1"]) == 0
+    assert (tmp_path / "m.int8.onnx").exists()
+    text = capsys.readouterr().out
+    assert "INT8 PESQ-WB change" in text and "hop_ms" in text

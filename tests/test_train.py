@@ -1,0 +1,75 @@
+"""train.py: the SI-SNR loss, a short run that learns, exact resume, and DistributedDataParallel on CPU."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import REPO
+
+TINY = ["--base-ch", "8", "--batch-size", "8", "--val-examples", "32", "--dev-files", "2", "--lr", "3e-3",
+        "--num-threads", "1"]
+
+
+def tiny_args(corpus, out, *extra):
+    return ["--speech", str(corpus / "speech"), "--noise", str(corpus / "noise"), "--dev", str(corpus / "dev"),
+            "--out-dir", str(out), *TINY, *extra]
+
+
+def read_log(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_si_snr_is_scale_invariant_and_perfect_for_the_reference():
+    ref = torch.randn(4, 3200)
+    noise = torch.randn(4, 3200)
+    est = ref + 0.1 * noise
+    assert torch.allclose(train.si_snr(est, ref), train.si_snr(7.3 * est, ref), atol=1e-3)
+    assert (train.si_snr(ref, ref) > 60).all()
+    assert train.si_snr(ref + noise, ref).mean() < train.si_snr(est, ref).mean()
+    assert torch.isclose(train.si_snr_loss(est, ref), -train.si_snr(est, ref).mean())
+
+
+def test_twenty_steps_lower_the_loss(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the decoded-corpus cache goes here
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "ck", "--epochs", "2", "--steps-per-epoch", "10")) == 0
+    rows = read_log(tmp_path / "ck" / "train_log.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    assert float(rows[-1]["val_si_snr"]) > float(rows[0]["val_si_snr"]) + 1.0
+    assert float(rows[2]["train_loss"]) < float(rows[1]["train_loss"])
+    assert "dev_pesq_wb" in rows[-1]
+    assert (tmp_path / "ck" / "best.pt").exists()
+
+
+def test_resume_continues_exactly(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--epochs", "2", "--steps-per-epoch", "4", "--dev-files", "0"]
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "straight", *common)) == 0
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, "--max-steps", "4")) == 0  # "killed"
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, "--resume")) == 0
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
+    assert b["epoch"] == 2 and b["step"] == 8
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-5), k
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "none", "--resume"))
+
+
+def test_torchrun_two_processes_on_cpu(tiny_corpus, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           str(REPO / "train.py"), *tiny_args(tiny_corpus, tmp_path / "ddp", "--epochs", "1", "--steps-per-epoch", "3",
+                                              "--dev-files", "0")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_log(tmp_path / "ddp" / "train_log.csv")
+    assert rows[-1]["epoch"] == "1" and rows[-1]["step"] == "3"
