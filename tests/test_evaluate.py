@@ -86,6 +86,19 @@ def test_real_peer_improves_pesq(name, lag_ms):
     assert ev.pesq_wb(clean, aligned)[0] > ev.pesq_wb(clean, noisy)[0] + 0.2
 
 
+@pytest.mark.parametrize("name", ["dsp", "ml", "ml-model"])
+def test_our_pipelines_run_aligned_through_file_mode(name):
+    """denoise_array promises an aligned, same-length output; evaluate.py relies on it."""
+    if name != "dsp" and not (REPO / "denoiser.onnx").is_file():
+        pytest.skip("denoiser.onnx not exported yet")
+    clean, noisy = load(PAIR)
+    method = ev.BUILTIN_METHODS[name](ev.build_parser().parse_args(["--noisy", "unused"]))
+    assert method.latency_ms > 0
+    out = method.process(noisy.copy())
+    assert len(out) == len(noisy)
+    assert abs(ev.align(out, clean)[1]) <= ev.SAMPLE_RATE // 2000  # within 0.5 ms
+
+
 def test_identity_command_scores_exactly_as_noisy_and_writes_everything(tmp_path, capsys):
     # 5 s: DNSMOS tiles it to 10 s, one 9.01 s window, which keeps the test quick.
     write_pair(tmp_path, PAIR, seconds=5.0, start_s=0.5)
@@ -153,11 +166,23 @@ def test_unknown_method_and_missing_markers_are_errors(tmp_path, capsys):
                   "--methods", "noisy,magic", "--quiet"])
     err = capsys.readouterr().err
     assert rc != 0 and "unknown magic" in err and "nsnet2" in err
+    rc = ev.main(["--noisy", str(tmp_path / "noisy"), "--cmd", "x", "tool-without-placeholders"])
+    assert rc != 0 and "must contain {in} and {out}" in capsys.readouterr().err
     readme = tmp_path / "R.md"
     readme.write_text("no markers here\n")
     with pytest.raises(ev.EvalError, match="markers"):
         ev.update_readme(readme, "table")
     assert readme.read_text() == "no markers here\n"
+
+
+def test_a_failing_command_is_stopped_with_a_note(tmp_path, capsys):
+    write_pair(tmp_path, PAIR, seconds=1.0)
+    out = tmp_path / "out"
+    rc = ev.main(["--clean", str(tmp_path / "clean"), "--noisy", str(tmp_path / "noisy"),
+                  "--methods", "broken", "--cmd", "broken", "false {in} {out}", "--out", str(out),
+                  "--no-dnsmos", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    assert f"broken stopped on {PAIR}: --cmd broken: exit code 1" in (out / "results.md").read_text()
 
 
 def test_too_short_clip_is_reported_not_crashed(tmp_path, capsys):
