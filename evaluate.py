@@ -10,6 +10,7 @@ a CSV of per-file scores and PNG charts (one bar chart per metric, a spectrogram
     python evaluate.py --clean C --noisy N --limit 4 --methods noisy,ml,nsnet2 --by-snr
     python evaluate.py --noisy recordings/          # real recordings: DNSMOS and RTF only
     python evaluate.py --clean C --noisy N --cmd mytool "mytool --in {in} --out {out}"
+    python evaluate.py --clean C --noisy N --ml-variant "ml-noeq=--no-eq"   # what a default costs
     python evaluate.py --clean C --noisy N --readme README.md   # table between eval markers
 
 Pairs are matched by file name. --by-snr breaks results down by SNR taken from names ending in
@@ -378,6 +379,32 @@ def setup_noisereduce(args) -> Method:
                                         n_jobs=1).astype(np.float32)
 
     return Method("noisereduce", "noisereduce (non-stationary)", process, None)
+
+
+def ml_variant_config(name, flags, model=None):
+    """--ml-variant "NAME=FLAGS": the ML pipeline with some of its constants changed by its own flags,
+    e.g. "--no-eq --output-gain 1.33", to measure what each spec default costs or buys."""
+    ml = _import_pipeline("ml_denoiser_pipeline")
+    extra = ["--model", model] if model else []
+    try:
+        return ml.build_parser().parse_args(shlex.split(flags) + extra)
+    except SystemExit:
+        raise EvalError(f"--ml-variant {name}: flags {flags!r} are not ml_denoiser_pipeline.py flags") from None
+
+
+def setup_ml_variant(args, name, flags):
+    ml = _import_pipeline("ml_denoiser_pipeline")
+    import dsp
+    cfg = ml_variant_config(name, flags, args.model)
+
+    def process(x):
+        return dsp.process_offline(ml.MLChain(cfg), x)
+
+    try:
+        _warm_up(process)
+    except Exception as exc:
+        raise Unavailable(f"--ml-variant {name} failed: {exc}") from None
+    return Method(name, f"ML pipeline `{flags}`", process, float(ml.latency_ms(cfg)))
 
 
 def setup_command(name, template):
@@ -911,6 +938,8 @@ def build_parser():
                    "beside the clean folder)")
     p.add_argument("--cmd", nargs=2, action="append", default=[], metavar=("NAME", "COMMAND"),
                    help='extra method: a command with {in} and {out}, e.g. "tool {in} {out}"')
+    p.add_argument("--ml-variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help='extra method: the ML pipeline with changed constants, e.g. "ml-noeq=--no-eq"')
     p.add_argument("--model", help="ONNX model for the ML pipeline (default: its own default)")
     p.add_argument("--spectrogram", metavar="NAME",
                    help="file (stem) for the spectrogram panel (default: the first pair)")
@@ -931,6 +960,14 @@ def choose_setups(args):
         if "{in}" not in template or "{out}" not in template:
             raise EvalError(f"--cmd {name}: the command must contain {{in}} and {{out}}")
         available[name] = lambda n=name, t=template: setup_command(n, t)
+    for spec in args.ml_variant:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name:
+            raise EvalError(f"--ml-variant {spec!r}: expected NAME=FLAGS, e.g. ml-noeq=--no-eq")
+        if name in available:
+            raise EvalError(f"--ml-variant {name}: the name is already taken; choose another")
+        ml_variant_config(name, flags, args.model)  # bad flags fail now, not after an hour of scoring
+        available[name] = lambda n=name, f=flags: setup_ml_variant(args, n, f)
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in available]

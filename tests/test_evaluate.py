@@ -210,3 +210,20 @@ def test_noisy_folder_alone_scores_reference_free_metrics(tmp_path, capsys):
     with open(out / "scores.csv", newline="") as fh:
         rows = {r["method"]: r for r in csv.DictReader(fh)}
     assert float(rows["Speex"]["dnsmos_bak"]) > float(rows["noisy input"]["dnsmos_bak"])
+
+
+def test_ml_variant_runs_the_pipeline_with_changed_constants(tmp_path, capsys):
+    import ml_denoiser_pipeline as ml
+    from conftest import tiny_onnx
+    model = tiny_onnx(tmp_path / "ones.onnx", value=1.0)  # mask 1: the variant flags alone decide the output
+    write_pair(tmp_path, PAIR, seconds=3.0)
+    clean, noisy = load(PAIR)
+    noisy = noisy[:3 * ev.SAMPLE_RATE]
+    args = ev.build_parser().parse_args(["--noisy", "unused", "--model", str(model)])
+    flags = "--no-eq --no-gate --input-gain 1 --output-gain 1"
+    method = ev.setup_ml_variant(args, "transparent", flags)
+    assert method.latency_ms == ml.latency_ms()
+    assert np.abs(method.process(noisy.copy()) - noisy).max() < 1e-3
+    rc = ev.main(["--clean", str(tmp_path / "clean"), "--noisy", str(tmp_path / "noisy"), "--methods", "x",
+                  "--ml-variant", "x=--no-such-flag", "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc != 0 and "not ml_denoiser_pipeline.py flags" in capsys.readouterr().err
