@@ -176,43 +176,29 @@ def _warm_up(process):
     process(np.zeros(SAMPLE_RATE, np.float32))
 
 
-def setup_ml(args) -> Method:
-    ml = _import_pipeline("ml_denoiser_pipeline")
-
-    def process(x):
-        return ml.denoise_array(x, model_path=args.model)
-
+def _pipeline_method(key, label, process, latency_ms):
     try:
         _warm_up(process)
-    except Exception as exc:
-        raise Unavailable(f"ml_denoiser_pipeline.denoise_array failed: {exc}") from None
-    return Method("ml", "ML pipeline (full chain)", process, float(ml.latency_ms()))
+    except Exception as exc:  # a model that will not load or run makes the method unavailable, not the run
+        raise Unavailable(f"{label} failed: {exc}") from None
+    return Method(key, label, process, float(latency_ms))
+
+
+def setup_ml(args) -> Method:
+    ml = _import_pipeline("ml_denoiser_pipeline")
+    return _pipeline_method("ml", "ML pipeline (full chain)",
+                            lambda x: ml.denoise_array(x, model_path=args.model), ml.latency_ms())
 
 
 def setup_ml_model(args) -> Method:
     ml = _import_pipeline("ml_denoiser_pipeline")
-
-    def process(x):
-        return ml.denoise_array(x, model_path=args.model, model_only=True)
-
-    try:
-        _warm_up(process)
-    except Exception as exc:
-        raise Unavailable(f"ml_denoiser_pipeline.denoise_array failed: {exc}") from None
-    return Method("ml-model", "ML model only", process, float(ml.latency_ms()))
+    return _pipeline_method("ml-model", "ML model only",
+                            lambda x: ml.denoise_array(x, model_path=args.model, model_only=True), ml.latency_ms())
 
 
 def setup_dsp(args) -> Method:
     dsp_pipe = _import_pipeline("dsp_filter_pipeline")
-
-    def process(x):
-        return dsp_pipe.denoise_array(x)
-
-    try:
-        _warm_up(process)
-    except Exception as exc:
-        raise Unavailable(f"dsp_filter_pipeline.denoise_array failed: {exc}") from None
-    return Method("dsp", "DSP pipeline", process, float(dsp_pipe.latency_ms()))
+    return _pipeline_method("dsp", "DSP pipeline", dsp_pipe.denoise_array, dsp_pipe.latency_ms())
 
 
 def setup_rnnoise(args) -> Method:
@@ -396,15 +382,8 @@ def setup_ml_variant(args, name, flags):
     ml = _import_pipeline("ml_denoiser_pipeline")
     import dsp
     cfg = ml_variant_config(name, flags, args.model)
-
-    def process(x):
-        return dsp.process_offline(ml.MLChain(cfg), x)
-
-    try:
-        _warm_up(process)
-    except Exception as exc:
-        raise Unavailable(f"--ml-variant {name} failed: {exc}") from None
-    return Method(name, f"ML pipeline `{flags}`", process, float(ml.latency_ms(cfg)))
+    return _pipeline_method(name, f"ML pipeline `{flags}`", lambda x: dsp.process_offline(ml.MLChain(cfg), x),
+                            ml.latency_ms(cfg))
 
 
 def setup_command(name, template):
