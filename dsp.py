@@ -346,6 +346,9 @@ def run(args, make_chain, frame, label):
     try:
         if args.sample_rate != SAMPLE_RATE:
             raise AudioError(f"SAMPLE_RATE must be {SAMPLE_RATE}: the model and filters run at 16 kHz")
+        if getattr(args, "list", False):  # listing devices needs no chain: do not load the model for it
+            import live_audio
+            return live_audio.run_live(None, args)
         if args.bench:
             bench(make_chain(), frame, label=label)
             return 0

@@ -12,6 +12,9 @@ DEV = SHARED / "data" / "dev"
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# The private PipeWire server and its virtual devices (tests/sound_server.py), shared by every test file.
+from sound_server import cable, fake_mic, probe, sound_server  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def repo():

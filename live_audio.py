@@ -1,0 +1,1089 @@
+"""Live streaming shared by both pipelines: microphone -> denoising chain -> virtual cable, on Windows, macOS, Linux.
+
+Not run by itself: `python ml_denoiser_pipeline.py` and `python dsp_filter_pipeline.py` (no --input) use it,
+and `python list_devices.py` lists the devices it can use. The pipelines add its flags with add_arguments()
+(--mic, --cable, --quiet, --list and the tunables below) and hand over with run_live(chain, args).
+
+How audio flows: the sounddevice input callback copies each block into a bounded ring buffer; a processing
+thread runs the chain (resampling first when a device refuses 16 kHz); a second bounded ring buffer feeds the
+output callback. Callbacks only copy samples. Latency cannot creep: when a buffer backs up beyond its limit the
+pipeline drops the oldest audio to catch up (a "realign", counted); when the output buffer runs dry it plays
+silence (an "underrun", counted) until the cushion is refilled.
+
+Devices: MIC / CABLE (in the pipeline scripts, or --mic / --cable) take an index or part of a name, as listed by
+list_devices.py. The default cable is VB-Audio "CABLE Input" on Windows, "BlackHole" on macOS and the project's
+own "denoiser_cable" on Linux (start_pipeline.sh creates it; apps then pick "Denoised microphone").
+On Linux the virtual devices live in the sound server (PipeWire or PulseAudio) while Debian's PortAudio only
+speaks ALSA, so this module writes ALSA pcm definitions for the server's sinks and sources to a file of its own
+and loads it with ALSA_CONFIG_PATH before sounddevice is imported. /etc and ~/.asoundrc are never touched.
+
+Edit the constants below to tune; the flags of the same name override them.
+"""
+import glob
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+SAMPLE_RATE = 16000  # Hz, the chains' rate; devices that refuse it are resampled to and from it
+BLOCK_MS = 10  # device callback period: smaller lowers latency but wakes the CPU more often; 5..40
+DEVICE_LATENCY = "low"  # PortAudio's suggested device latency: "low", "high" or seconds; "high" if audio crackles
+OUT_TARGET_MS = 30  # output cushion refilled before playing (start, after an underrun): raise if underruns; 10..200
+OUT_TARGET_MAX_MS = 250  # the cushion grows to cover the chain's slowest repeated call up to this; 50..1000
+OUT_REALIGN_MS = 80  # output backlog above the cushion that triggers a realign: lower = tighter latency; 20..500
+IN_REALIGN_MS = 150  # input backlog (processing fell behind) that triggers a realign; 50..1000
+BUFFER_CAP_MS = 1000  # hard size of each ring buffer; audio beyond it is dropped as an overrun; 200..5000
+STATUS_INTERVAL_S = 0.5  # status line refresh period; 0.2..5
+WARN_INTERVAL_S = 5.0  # at most one warning of each kind per this many seconds; 1..60
+RETRY_INTERVAL_S = 1.0  # how often a lost device is looked for again; 0.2..10
+DEVICE_STALL_S = 1.5  # a device whose callbacks stop this long is treated as lost (sleep, unplug); 0.5..10
+RESAMPLE_QUALITY = "LQ"  # soxr quality when a device refuses 16 kHz: "LQ" least delay; "HQ" adds ~50 ms of bursts
+CALL_WINDOW = 256  # chain calls remembered for sizing the cushion (~2.5 s at 10 ms blocks); 64..4096
+SETTLE_S = 0.5  # seconds of start-up not counted in settled_* (a chain's startup_ms wins); 0..5
+
+DEFAULT_CABLE = {"win32": "CABLE Input", "darwin": "BlackHole", "linux": "denoiser_cable"}
+LINUX_CABLE_SINK = "denoiser_cable"  # null sink the pipeline writes into (start_pipeline.sh creates it)
+LINUX_CABLE_SOURCE = "denoised_mic"  # remap of its monitor that apps see as "Denoised microphone"
+# Host APIs in order of preference when one device appears under several (Windows lists each device once per
+# API; MME cuts names to 31 characters and adds its own resampler, WASAPI is the modern path).
+HOSTAPI_PREFERENCE = ("Windows WASAPI", "Core Audio", "ALSA", "JACK Audio Connection Kit",
+                      "Windows DirectSound", "MME", "Windows WDM-KS", "OSS")
+VIRTUAL_WORDS = ("cable", "blackhole", "loopback", "soundflower", "voicemeeter", "vb-audio", "virtual",
+                 "null", "monitor", "denoise")  # names that look like virtual cables in the device listing
+ALSA_BASE_CONFIG = "/usr/share/alsa/alsa.conf"
+STATS_PREFIX = "stats:"  # the final summary line starts with this (tests and scripts parse it)
+READY_LINE = "live: running, Ctrl+C stops"  # printed once audio is flowing
+
+INSTALL_HINTS = {
+    "win32": "Install VB-Audio Virtual Cable (https://vb-audio.com/Cable/) and reboot; the pipeline writes to "
+             "'CABLE Input' and Zoom/Teams pick 'CABLE Output' as their microphone.",
+    "darwin": "Install BlackHole 2ch (`brew install blackhole-2ch`, or https://existential.audio/blackhole/); the "
+              "pipeline writes to it and Zoom/Teams pick 'BlackHole 2ch' as their microphone.",
+    "linux": "Run ./start_pipeline.sh, which creates the cable, or create it by hand:\n"
+             "    pactl load-module module-null-sink sink_name=denoiser_cable channels=1 "
+             "sink_properties='device.description=\"Denoiser cable\"'\n"
+             "    pactl load-module module-remap-source source_name=denoised_mic master=denoiser_cable.monitor "
+             "channels=1 source_properties='device.description=\"Denoised microphone\"'\n"
+             "  It needs pactl (apt install pulseaudio-utils) and, for PortAudio to reach it, pipewire-alsa "
+             "(PipeWire) or libasound2-plugins (PulseAudio).",
+}
+
+
+class DeviceError(Exception):
+    """A device problem the user can fix; str() is a one-line message, .details the listing that helps."""
+
+    def __init__(self, message, details=""):
+        super().__init__(message)
+        self.details = details
+
+
+def _platform():
+    if sys.platform.startswith("linux"):
+        return "linux"
+    return sys.platform if sys.platform in ("win32", "darwin") else "other"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Linux: reach the sound server's sinks and sources through ALSA pcm definitions
+# --------------------------------------------------------------------------------------------------------------
+_ALSA_NAMES = {}  # ALSA pcm id written by us -> (server node name, description), for lookup and listing
+_SERVER = {}  # facts from pactl: server name, default source
+
+
+def _pactl(*args):
+    env = dict(os.environ, LC_ALL="C")
+    try:
+        proc = subprocess.run(["pactl", *args], capture_output=True, text=True, timeout=5, env=env)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _pactl_nodes(kind):
+    """[(name, description)] of the server's 'sinks' or 'sources' from `pactl list`, or None without a server."""
+    text = _pactl("list", kind)
+    if text is None:
+        return None
+    nodes, name = [], None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("Name: "):
+            name = line[6:]
+        elif line.startswith("Description: ") and name is not None:
+            nodes.append((name, line[13:]))
+            name = None
+    return nodes
+
+
+def _alsa_plugin_available(plugin):
+    patterns = ("/usr/lib/*/alsa-lib/libasound_module_pcm_%s.so", "/usr/lib64/alsa-lib/libasound_module_pcm_%s.so",
+                "/usr/lib/alsa-lib/libasound_module_pcm_%s.so")
+    return any(glob.glob(p % plugin) for p in patterns)
+
+
+def _alsa_id(name, taken):
+    """An ALSA pcm id for a server node name: ALSA splits ids at dots, so anything but [A-Za-z0-9_] becomes _."""
+    ident = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    if ident in ("default", "sysdefault", "pulse", "pipewire", "null", "hw", "plughw", "jack", "dmix", "dsnoop"):
+        ident = "server_" + ident
+    base, n = ident, 2
+    while ident in taken:
+        ident, n = "%s_%d" % (base, n), n + 1
+    taken.add(ident)
+    return ident
+
+
+def _alsa_config_text(plugin, sinks, sources):
+    def quote(text):
+        return '"%s"' % text.replace("\\", "").replace('"', "'")
+
+    target = {"pipewire": ("playback_node", "capture_node"), "pulse": ("device", "device")}[plugin]
+    lines = ["# Written by live_audio.py on each start: the sound server's sinks and sources as ALSA pcms.",
+             "# Loaded only by this project's processes through ALSA_CONFIG_PATH; safe to delete."]
+    taken, names = set(), {}
+    for direction, nodes, key in (("playback", sinks, target[0]), ("capture", sources, target[1])):
+        for name, description in nodes:
+            ident = _alsa_id(name, taken)
+            names[ident] = (name, description)
+            lines.append("pcm.%s { type asym %s.pcm { type %s %s %s } hint { show on description %s } }"
+                         % (ident, direction, plugin, key, quote(name), quote(description)))
+    return "\n".join(lines) + "\n", names
+
+
+def _alsa_config_path():
+    folder = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(folder, "denoiser-alsa-%d.conf" % uid)
+
+
+def prepare_linux_audio():
+    """Write the ALSA definitions for the server's current sinks/sources and point ALSA_CONFIG_PATH at them.
+
+    Must run before PortAudio initialises (sounddevice import, or a re-scan). A no-op off Linux or without a
+    PulseAudio-compatible server; then only ALSA's own devices are visible.
+    """
+    _ALSA_NAMES.clear()
+    _SERVER.clear()
+    if _platform() != "linux" or not os.path.exists(ALSA_BASE_CONFIG):
+        return
+    info = _pactl("info")
+    sinks, sources = _pactl_nodes("sinks"), _pactl_nodes("sources")
+    if info is None or sinks is None or sources is None:
+        return
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        _SERVER[key.strip()] = value.strip()
+    on_pipewire = "PipeWire" in _SERVER.get("Server Name", "")
+    if on_pipewire and _alsa_plugin_available("pipewire"):
+        plugin = "pipewire"
+        # A stream whose device vanished must fail (so it is reported and retried), not be moved silently to
+        # another microphone or to the speakers.
+        os.environ["PIPEWIRE_PROPS"] = "{ node.dont-reconnect = true }"
+    elif _alsa_plugin_available("pulse"):
+        plugin = "pulse"
+    else:
+        _SERVER["missing_plugin"] = "pipewire-alsa" if on_pipewire else "libasound2-plugins"
+        return
+    text, names = _alsa_config_text(plugin, sinks, sources)
+    path = _alsa_config_path()
+    tmp = path + ".%d.tmp" % os.getpid()
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _SERVER["missing_plugin"] = "nothing: %s is not writable (%s)" % (path, exc.strerror)
+        return
+    _ALSA_NAMES.update(names)
+    current = os.environ.get("ALSA_CONFIG_PATH")
+    if not current:
+        os.environ["ALSA_CONFIG_PATH"] = ALSA_BASE_CONFIG + ":" + path
+    elif path not in current.split(":"):
+        os.environ["ALSA_CONFIG_PATH"] = current + ":" + path
+
+
+_SD = None
+
+
+def sounddevice_module():
+    """Import sounddevice (after the Linux ALSA set-up); DeviceError when PortAudio is missing."""
+    global _SD
+    if _SD is None:
+        prepare_linux_audio()
+        try:
+            import sounddevice
+        except ImportError:
+            raise DeviceError("the sounddevice package is missing: pip install -r requirements.txt")
+        except OSError as exc:  # the PortAudio library itself is missing
+            raise DeviceError("PortAudio is not installed (%s); on Debian/Ubuntu: apt install libportaudio2" % exc)
+        _SD = sounddevice
+    return _SD
+
+
+def rescan_devices():
+    """Let PortAudio see devices that appeared or vanished since it started (no stream may be open)."""
+    sd = sounddevice_module()
+    prepare_linux_audio()
+    sd._terminate()
+    sd._initialize()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Device lookup and listing
+# --------------------------------------------------------------------------------------------------------------
+def parse_device_spec(value):
+    """None/'' -> None (system default), '3' or 3 -> 3 (index), anything else -> name substring."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    value = str(value).strip()
+    if not value:
+        return None
+    return int(value) if value.isdigit() else value
+
+
+def _channels_key(kind):
+    return "max_input_channels" if kind == "input" else "max_output_channels"
+
+
+def _hostapi_name(device, hostapis):
+    return hostapis[device["hostapi"]]["name"]
+
+
+def _hostapi_rank(device, hostapis):
+    name = _hostapi_name(device, hostapis)
+    return HOSTAPI_PREFERENCE.index(name) if name in HOSTAPI_PREFERENCE else len(HOSTAPI_PREFERENCE)
+
+
+def describe_device(device, hostapis):
+    """'name (server description)' on Linux for the server's nodes, else the PortAudio name."""
+    extra = _ALSA_NAMES.get(device["name"])
+    name = device["name"] if not extra else "%s (%s)" % (device["name"], extra[1])
+    return name
+
+
+def _listing(devices, hostapis, kind, only=None):
+    key = _channels_key(kind)
+    rows = [d for d in devices if d[key] > 0 and (only is None or d in only)]
+    if not rows:
+        return "  (no %s devices at all)" % kind
+    return "\n".join("  %3d  %s  [%s]" % (d["index"], describe_device(d, hostapis), _hostapi_name(d, hostapis))
+                     for d in rows)
+
+
+def find_device(spec, kind, devices, hostapis, default_index=-1, hint=""):
+    """Index of the `kind` ('input'/'output') device named by spec (index, name substring or None = default).
+
+    A name may match one device under several host APIs (Windows): the preferred API wins. Ambiguous or
+    missing names raise DeviceError whose details list the candidates.
+    """
+    key = _channels_key(kind)
+    devices = [dict(d, index=i) for i, d in enumerate(devices)]
+    if spec is None:
+        if 0 <= default_index < len(devices) and devices[default_index][key] > 0:
+            return default_index
+        raise DeviceError("there is no default %s device" % kind,
+                          "%s devices:\n%s" % (kind, _listing(devices, hostapis, kind)))
+    if isinstance(spec, int):
+        if 0 <= spec < len(devices) and devices[spec][key] > 0:
+            return spec
+        what = "is not an %s device" % kind if 0 <= spec < len(devices) else "does not exist"
+        raise DeviceError("device %d %s" % (spec, what),
+                          "%s devices:\n%s" % (kind, _listing(devices, hostapis, kind)))
+    needle = spec.lower()
+
+    def names(d):
+        extra = _ALSA_NAMES.get(d["name"])
+        return [d["name"].lower()] + ([extra[0].lower(), extra[1].lower()] if extra else [])
+
+    matches = [d for d in devices if d[key] > 0 and any(needle in n for n in names(d))]
+    if not matches:
+        details = "%s devices:\n%s" % (kind, _listing(devices, hostapis, kind))
+        raise DeviceError("no %s device matches '%s'" % (kind, spec), details + ("\n" + hint if hint else ""))
+    exact = [d for d in matches if needle in names(d)]
+    candidates = exact or matches  # a full name beats longer names that contain it
+    best = min(_hostapi_rank(d, hostapis) for d in candidates)
+    preferred = [d for d in candidates if _hostapi_rank(d, hostapis) == best]
+    if len(preferred) == 1:
+        return preferred[0]["index"]
+    raise DeviceError("'%s' matches %d %s devices; give the index or more of the name" % (spec, len(preferred), kind),
+                      "matching %s devices:\n%s" % (kind, _listing(devices, hostapis, kind, preferred)))
+
+
+def default_cable_name():
+    return DEFAULT_CABLE.get(_platform())
+
+
+def resolve(spec, kind):
+    """find_device() on the devices PortAudio sees now; spec None for the cable means the platform's cable."""
+    sd = sounddevice_module()
+    devices, hostapis = list(sd.query_devices()), list(sd.query_hostapis())
+    default = sd.default.device[0 if kind == "input" else 1]
+    hint = ""
+    if kind == "output" and spec is None:
+        spec = default_cable_name()
+        hint = INSTALL_HINTS.get(_platform(), "")
+        if spec is None:
+            raise DeviceError("no virtual cable is known on this platform; pass --cable NAME",
+                              "output devices:\n" + _listing([dict(d, index=i) for i, d in enumerate(devices)],
+                                                             hostapis, "output"))
+    if _SERVER.get("missing_plugin"):
+        hint += ("\n" if hint else "") + ("The sound server's devices are invisible to PortAudio: install %s."
+                                          % _SERVER["missing_plugin"])
+    return find_device(spec, kind, devices, hostapis, default, hint)
+
+
+def looks_virtual(name):
+    lower = name.lower()
+    return any(word in lower for word in VIRTUAL_WORDS)
+
+
+def _settings_ok(sd, kind, index, rate, channels=1):
+    check = sd.check_input_settings if kind == "input" else sd.check_output_settings
+    try:
+        check(device=index, channels=channels, samplerate=rate, dtype="float32",
+              extra_settings=_extra_settings(sd, index))
+        return True
+    except Exception:  # PortAudio answers with several exception types; any means "will not open"
+        return False
+
+
+def device_rows():
+    """One dict per device for list_devices.py and --list."""
+    sd = sounddevice_module()
+    hostapis = list(sd.query_hostapis())
+    rows = []
+    for index, d in enumerate(sd.query_devices()):
+        d = dict(d, index=index)
+        rows.append({
+            "index": index,
+            "name": describe_device(d, hostapis),
+            "hostapi": _hostapi_name(d, hostapis),
+            "inputs": d["max_input_channels"],
+            "outputs": d["max_output_channels"],
+            "rate": int(d["default_samplerate"]),
+            "in16k": d["max_input_channels"] > 0 and _settings_ok(sd, "input", index, SAMPLE_RATE),
+            "out16k": d["max_output_channels"] > 0 and _settings_ok(sd, "output", index, SAMPLE_RATE),
+            "virtual": looks_virtual(describe_device(d, hostapis)),
+            "default_in": index == sd.default.device[0],
+            "default_out": index == sd.default.device[1],
+        })
+    return rows
+
+
+def print_devices(mic=None, cable=None, out=None):
+    """The device table, then which devices --mic/--cable would pick. Returns an exit code."""
+    out = out or sys.stdout
+    try:
+        rows = device_rows()
+    except DeviceError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 1
+
+    def yes(flag):
+        return "yes" if flag else "no"
+
+    print("%5s  %-14s %3s %3s %6s  %-9s %-10s %-7s %s" % ("index", "host API", "in", "out", "rate", "16k in",
+                                                         "16k out", "cable?", "name"), file=out)
+    for r in rows:
+        mark = ("<" if r["default_in"] else " ") + (">" if r["default_out"] else " ")
+        print("%3d%s  %-14s %3d %3d %6d  %-9s %-10s %-7s %s" % (
+            r["index"], mark, r["hostapi"][:14], r["inputs"], r["outputs"], r["rate"],
+            yes(r["in16k"]) if r["inputs"] else "-", yes(r["out16k"]) if r["outputs"] else "-",
+            "virtual" if r["virtual"] else "", r["name"]), file=out)
+    print("(< default input, > default output; '16k' = opens as 16 kHz mono, else it is resampled)", file=out)
+    for kind, spec, label in (("input", mic, "microphone"), ("output", cable, "cable")):
+        try:
+            index = resolve(spec, kind)
+            print("%s: %d %s" % (label, index, rows[index]["name"]), file=out)
+        except DeviceError as exc:
+            print("%s: not found: %s" % (label, exc), file=out)
+            if kind == "output" and spec is None:
+                print("  " + INSTALL_HINTS.get(_platform(), ""), file=out)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Streaming
+# --------------------------------------------------------------------------------------------------------------
+class RingBuffer:
+    """Single-producer single-consumer float32 ring. Only the producer moves .written, only the consumer .read,
+    so the two sides need no lock (each counter update is atomic under the GIL)."""
+
+    def __init__(self, capacity):
+        self.buf = np.zeros(int(capacity), np.float32)
+        self.capacity = int(capacity)
+        self.written = 0
+        self.read = 0
+
+    def depth(self):
+        return self.written - self.read
+
+    def write(self, data):
+        """Producer: append; returns how many samples did not fit (dropped, newest first)."""
+        n = len(data)
+        take = min(n, self.capacity - (self.written - self.read))
+        start = self.written % self.capacity
+        first = min(take, self.capacity - start)
+        self.buf[start:start + first] = data[:first]
+        if take > first:
+            self.buf[:take - first] = data[first:take]
+        self.written += take
+        return n - take
+
+    def read_into(self, out):
+        """Consumer: fill the front of out; returns how many samples it got."""
+        n = min(len(out), self.written - self.read)
+        start = self.read % self.capacity
+        first = min(n, self.capacity - start)
+        out[:first] = self.buf[start:start + first]
+        if n > first:
+            out[first:n] = self.buf[:n - first]
+        self.read += n
+        return n
+
+    def skip(self, n):
+        """Consumer: drop the n oldest samples (realign)."""
+        self.read += max(0, min(n, self.written - self.read))
+
+
+def _extra_settings(sd, index):
+    """WASAPI shared mode refuses rates and channel counts other than the mixer's unless asked to convert."""
+    try:
+        hostapi = sd.query_hostapis(sd.query_devices(index)["hostapi"])["name"]
+    except Exception:
+        return None
+    if hostapi == "Windows WASAPI":
+        try:
+            return sd.WasapiSettings(auto_convert=True)
+        except TypeError:  # sounddevice older than 0.4.7
+            return None
+    return None
+
+
+def _db(power):
+    return 10.0 * math.log10(power) if power > 1e-12 else -120.0
+
+
+class LiveEngine:
+    """Streams, ring buffers, processing thread and counters. The callbacks are plain methods so they can be
+    driven directly (tests) as well as by sounddevice."""
+
+    COUNTERS = ("overruns", "underruns", "realigns", "device_xruns", "device_losses")
+
+    def __init__(self, chain, block_ms=BLOCK_MS, out_target_ms=OUT_TARGET_MS, out_realign_ms=OUT_REALIGN_MS,
+                 in_realign_ms=IN_REALIGN_MS, buffer_cap_ms=BUFFER_CAP_MS, device_latency=DEVICE_LATENCY,
+                 resample_quality=RESAMPLE_QUALITY):
+        self.chain = chain
+        self.block_ms = block_ms
+        self.out_target_ms = out_target_ms
+        self.out_realign_ms = out_realign_ms
+        self.in_realign_ms = in_realign_ms
+        self.buffer_cap_ms = buffer_cap_ms
+        self.device_latency = device_latency
+        self.resample_quality = resample_quality
+        self.counts = dict.fromkeys(self.COUNTERS, 0)
+        self.error = None  # exception that stopped the processing thread
+        self.in_stream = self.out_stream = None
+        self.in_rate = self.out_rate = SAMPLE_RATE
+        self.in_calls = self.out_calls = 0  # callback heartbeats
+        self._thread = None
+        self._running = False
+        self._wake = threading.Event()
+        self._levels = [0.0, 0, 0.0, 0]  # input power sum, input samples, output power sum, output samples
+        self._proc_time = [0.0, 0.0]  # seconds spent in chain.process, seconds of audio it handled
+        self.configure(SAMPLE_RATE, SAMPLE_RATE)
+
+    # -- set-up --------------------------------------------------------------------------------------------------
+    def configure(self, in_rate, out_rate):
+        """Fresh buffers and resamplers for these device rates (no stream may be running)."""
+        self.in_rate, self.out_rate = int(in_rate), int(out_rate)
+        self.in_ring = RingBuffer(self.buffer_cap_ms * self.in_rate // 1000)
+        self.out_ring = RingBuffer(self.buffer_cap_ms * self.out_rate // 1000)
+        self._in_block = max(1, self.block_ms * self.in_rate // 1000)
+        self._in_realign = max(2 * self._in_block, self.in_realign_ms * self.in_rate // 1000)
+        self.in_resampler = self.out_resampler = None
+        self._resampler_delay_ms = self._resampler_burst_ms = 0.0
+        if self.in_rate != SAMPLE_RATE:
+            self.in_resampler = self._make_resampler(self.in_rate, SAMPLE_RATE)
+        if self.out_rate != SAMPLE_RATE:
+            self.out_resampler = self._make_resampler(SAMPLE_RATE, self.out_rate)
+        self._chain_burst_ms = 0.0
+        self._call_ms = np.zeros(CALL_WINDOW, np.float64)  # recent chain.process() durations
+        self._calls = 0
+        self._set_cushion()
+        self._priming = True
+
+    def _set_cushion(self):
+        """Output cushion = OUT_TARGET_MS + what arrives in bursts: soxr releases blocks, and a chain that runs a
+        model once per hop returns late on that call (the output drains meanwhile)."""
+        cushion_ms = min(self.out_target_ms + self._resampler_burst_ms + self._chain_burst_ms,
+                         max(self.out_target_ms, OUT_TARGET_MAX_MS))
+        target = max(1, int(cushion_ms * self.out_rate / 1000))
+        self._out_realign = target + max(1, self.out_realign_ms * self.out_rate // 1000)
+        self._out_target = target
+        self.cushion_ms = cushion_ms
+
+    def _note_call(self, call_ms):
+        """Track the chain's repeated slow calls (its third slowest of the last CALL_WINDOW: a one-off stall is
+        not a reason to keep a bigger cushion) and resize the cushion when that moves."""
+        self._call_ms[self._calls % CALL_WINDOW] = call_ms
+        self._calls += 1
+        if self._calls % 32:
+            return
+        burst = float(np.partition(self._call_ms, CALL_WINDOW - 3)[CALL_WINDOW - 3])
+        if burst > self._chain_burst_ms + 1.0 or burst < self._chain_burst_ms - 5.0:
+            self._chain_burst_ms = burst
+            self._set_cushion()
+
+    def _make_resampler(self, from_rate, to_rate):
+        """A soxr stream, after measuring on a twin fed with silence how long it holds samples back and how
+        unevenly it releases them (both add to the latency and the needed cushion)."""
+        import soxr  # only needed when a device refuses 16 kHz
+
+        probe = soxr.ResampleStream(from_rate, to_rate, 1, dtype="float32", quality=self.resample_quality)
+        block = np.zeros(max(1, self.block_ms * from_rate // 1000), np.float32)
+        longest = max(len(probe.resample_chunk(block)) for _ in range(50))
+        self._resampler_delay_ms += 1000.0 * probe.delay() / to_rate
+        self._resampler_burst_ms += max(0.0, 1000.0 * longest / to_rate - self.block_ms)
+        return soxr.ResampleStream(from_rate, to_rate, 1, dtype="float32", quality=self.resample_quality)
+
+    def resampler_delay_ms(self):
+        return self._resampler_delay_ms
+
+    # -- callbacks (no allocation of buffers, no printing, no blocking) -------------------------------------------
+    def on_input(self, indata, frames, time_info, status):
+        self.in_calls += 1
+        if status:
+            self.counts["device_xruns"] += 1
+        if self.in_ring.write(indata[:, 0]):
+            self.counts["overruns"] += 1
+        self._wake.set()
+
+    def on_output(self, outdata, frames, time_info, status):
+        self.out_calls += 1
+        if status:
+            self.counts["device_xruns"] += 1
+        ring = self.out_ring
+        depth = ring.depth()
+        if self._priming:
+            if depth < max(self._out_target, frames):
+                outdata.fill(0)
+                return
+            self._priming = False
+        elif depth > self._out_realign:
+            ring.skip(depth - self._out_target)
+            self.counts["realigns"] += 1
+        got = ring.read_into(outdata[:, 0])
+        if got < frames:
+            outdata[got:, 0] = 0.0
+            self.counts["underruns"] += 1
+            self._priming = True
+        if outdata.shape[1] > 1:
+            outdata[:, 1:] = outdata[:, :1]
+
+    # -- processing thread ---------------------------------------------------------------------------------------
+    def start_processing(self):
+        self._running = True
+        self._thread = threading.Thread(target=self._process_loop, name="denoiser-processing", daemon=True)
+        self._thread.start()
+
+    def stop_processing(self):
+        self._running = False
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+            self._thread = None
+
+    def _process_loop(self):
+        try:
+            self._process_until_stopped()
+        except Exception as exc:  # reported by the main thread as a one-line error
+            self.error = exc
+            self._running = False
+
+    def _process_until_stopped(self):
+        in_ring, out_ring = self.in_ring, self.out_ring
+        scratch = np.zeros(4 * self._in_block, np.float32)
+        while self._running:
+            self._wake.clear()
+            depth = in_ring.depth()
+            if depth == 0:
+                # An event wakes this thread the moment the input callback delivers; a positive sleep would wait
+                # at least ~15.6 ms on Windows.
+                self._wake.wait(0.05)
+                continue
+            if depth > self._in_realign:
+                in_ring.skip(depth - self._in_block)
+                self.counts["realigns"] += 1
+            n = in_ring.read_into(scratch)
+            x = scratch[:n].copy()
+            if self.in_resampler is not None:
+                x = self.in_resampler.resample_chunk(x)
+                if len(x) == 0:
+                    continue
+            started = time.perf_counter()
+            y = np.asarray(self.chain.process(x), dtype=np.float32)
+            took = time.perf_counter() - started
+            self._note_call(1000.0 * took)
+            self._proc_time[0] += took
+            self._proc_time[1] += len(x) / SAMPLE_RATE
+            self._levels[0] += float(np.dot(x, x))
+            self._levels[1] += len(x)
+            self._levels[2] += float(np.dot(y, y))
+            self._levels[3] += len(y)
+            if self.out_resampler is not None:
+                y = self.out_resampler.resample_chunk(y)
+            if out_ring.write(y):
+                self.counts["overruns"] += 1
+            time.sleep(0)  # let the audio callbacks' threads take the GIL between chunks
+
+    # -- streams -------------------------------------------------------------------------------------------------
+    def _pick_format(self, sd, kind, index):
+        """(rate, channels) to open: 16 kHz mono when the device accepts it, else its own rate / 2 channels."""
+        info = sd.query_devices(index)
+        max_channels = info[_channels_key(kind)]
+        for rate in (SAMPLE_RATE, int(info["default_samplerate"])):
+            for channels in sorted({1, min(2, max_channels)}):
+                if _settings_ok(sd, kind, index, rate, channels):
+                    return rate, channels
+        raise DeviceError("%s device %d (%s) opens neither at 16000 Hz nor at its own %d Hz"
+                          % (kind, index, info["name"], int(info["default_samplerate"])))
+
+    def open_streams(self, mic_index, cable_index):
+        sd = sounddevice_module()
+        in_rate, in_channels = self._pick_format(sd, "input", mic_index)
+        out_rate, out_channels = self._pick_format(sd, "output", cable_index)
+        self.stop_processing()
+        self.configure(in_rate, out_rate)
+        self.out_stream = sd.OutputStream(
+            device=cable_index, samplerate=out_rate, channels=out_channels, dtype="float32",
+            blocksize=max(1, self.block_ms * out_rate // 1000), latency=self.device_latency,
+            callback=self.on_output, extra_settings=_extra_settings(sd, cable_index))
+        try:
+            self.in_stream = sd.InputStream(
+                device=mic_index, samplerate=in_rate, channels=in_channels, dtype="float32",
+                blocksize=self._in_block, latency=self.device_latency, callback=self.on_input,
+                extra_settings=_extra_settings(sd, mic_index))
+        except Exception:
+            self.close_streams()
+            raise
+        self.start_processing()
+        self.out_stream.start()
+        self.in_stream.start()
+
+    def close_streams(self):
+        for stream in (self.in_stream, self.out_stream):
+            if stream is not None:
+                try:
+                    stream.abort(ignore_errors=True)
+                    stream.close(ignore_errors=True)
+                except Exception:  # a vanished device may fail to close; it is gone either way
+                    pass
+        self.in_stream = self.out_stream = None
+        self.stop_processing()
+
+    def device_latency_ms(self):
+        total = 0.0
+        for stream in (self.in_stream, self.out_stream):
+            if stream is not None:
+                total += 1000.0 * float(stream.latency)
+        return total
+
+    def latency_parts_ms(self):
+        """(algorithm, buffering, devices) in ms: what a sample spends from microphone to cable."""
+        algorithm = 1000.0 * self.chain.latency_samples / SAMPLE_RATE
+        buffering = self.block_ms + self.cushion_ms + self.resampler_delay_ms()
+        return algorithm, buffering, self.device_latency_ms()
+
+    # -- status --------------------------------------------------------------------------------------------------
+    def take_levels(self):
+        """(input dBFS, output dBFS, processing load 0..1) since the previous call."""
+        lv, self._levels = self._levels, [0.0, 0, 0.0, 0]
+        pt, self._proc_time = self._proc_time, [0.0, 0.0]
+        in_db = _db(lv[0] / lv[1]) if lv[1] else -120.0
+        out_db = _db(lv[2] / lv[3]) if lv[3] else -120.0
+        load = pt[0] / pt[1] if pt[1] else 0.0
+        return in_db, out_db, load
+
+    def buffer_ms(self):
+        return (1000.0 * self.in_ring.depth() / self.in_rate, 1000.0 * self.out_ring.depth() / self.out_rate)
+
+
+def format_status(engine, chain_status, levels):
+    """One status line: levels, gate, processing time per hop against its budget, buffer depths, counters."""
+    in_db, out_db, load = levels
+    in_ms, out_ms = engine.buffer_ms()
+    c = engine.counts
+    hop, budget = chain_status.get("hop_ms"), chain_status.get("hop_budget_ms")
+    hop_text = ("hop %.1f/%.0fms" % (hop, budget)) if hop is not None and budget else "load %.0f%%" % (100 * load)
+    gate = chain_status.get("gate_open")
+    gate_text = ("gate %3.0f%%" % (100.0 * gate)) if gate is not None else "gate -"
+    return ("in %5.1f out %5.1f dBFS %s %s buf %.0f+%.0fms over %d under %d realign %d"
+            % (max(in_db, -99.9), max(out_db, -99.9), gate_text, hop_text, in_ms, out_ms, c["overruns"], c["underruns"], c["realigns"]))
+
+
+def parse_stats(text):
+    """The counters from the last 'stats:' line in text, as a dict of numbers (for tests and scripts)."""
+    lines = [line for line in text.splitlines() if line.startswith(STATS_PREFIX)]
+    if not lines:
+        return None
+    result = {}
+    for item in lines[-1][len(STATS_PREFIX):].split():
+        key, _, value = item.partition("=")
+        result[key] = float(value) if "." in value else int(value)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+def add_arguments(parser, mic_default=None, cable_default=None):
+    """Add --mic, --cable, --quiet, --list and the live tunables to a pipeline's argparse parser."""
+    group = parser.add_argument_group("live audio (see live_audio.py)")
+    group.add_argument("--mic", default=mic_default,
+                       help="microphone: device index or part of its name (default: %s)"
+                            % (mic_default if mic_default is not None else "the system's default input"))
+    group.add_argument("--cable", default=cable_default,
+                       help="virtual cable to write to: index or part of its name (default: %s)"
+                            % (cable_default if cable_default is not None else
+                               "'CABLE Input' on Windows, 'BlackHole' on macOS, 'denoiser_cable' on Linux"))
+    group.add_argument("--quiet", action="store_true", help="no status line")
+    group.add_argument("--list", action="store_true", help="list sound devices and exit")
+    group.add_argument("--block-ms", type=int, default=BLOCK_MS, help="device callback period, ms")
+    group.add_argument("--out-target-ms", type=int, default=OUT_TARGET_MS, help="output cushion, ms")
+    group.add_argument("--out-realign-ms", type=int, default=OUT_REALIGN_MS,
+                       help="output backlog above the cushion that triggers a realign, ms")
+    group.add_argument("--in-realign-ms", type=int, default=IN_REALIGN_MS,
+                       help="input backlog that triggers a realign, ms")
+    group.add_argument("--buffer-cap-ms", type=int, default=BUFFER_CAP_MS, help="ring buffer size, ms")
+    group.add_argument("--device-latency", default=DEVICE_LATENCY,
+                       help="PortAudio device latency: low, high or seconds")
+    group.add_argument("--resample-quality", default=RESAMPLE_QUALITY, choices=("QQ", "LQ", "MQ", "HQ", "VHQ"),
+                       help="soxr quality for devices that refuse 16 kHz")
+    group.add_argument("--status-interval-s", type=float, default=STATUS_INTERVAL_S, help="status refresh, s")
+    group.add_argument("--warn-interval-s", type=float, default=WARN_INTERVAL_S,
+                       help="at most one warning of a kind per this many seconds")
+    group.add_argument("--retry-interval-s", type=float, default=RETRY_INTERVAL_S,
+                       help="how often a lost device is looked for, s")
+    group.add_argument("--device-stall-s", type=float, default=DEVICE_STALL_S,
+                       help="silence from a device's callbacks that counts as the device lost, s")
+    group.add_argument("--settle-s", type=float, default=None,
+                       help="start-up not counted in settled_* (default: the pipeline's STARTUP_BUFFER_MS)")
+    return parser
+
+
+def _option(args, name, default):
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
+def _check_options(args):
+    limits = (("block_ms", BLOCK_MS, 1, 200), ("out_target_ms", OUT_TARGET_MS, 0, 5000),
+              ("out_realign_ms", OUT_REALIGN_MS, 1, 5000), ("in_realign_ms", IN_REALIGN_MS, 1, 5000),
+              ("buffer_cap_ms", BUFFER_CAP_MS, 50, 60000), ("status_interval_s", STATUS_INTERVAL_S, 0.05, 60),
+              ("warn_interval_s", WARN_INTERVAL_S, 0, 3600), ("retry_interval_s", RETRY_INTERVAL_S, 0.05, 60),
+              ("device_stall_s", DEVICE_STALL_S, 0.1, 60))
+    values = {}
+    for name, default, low, high in limits:
+        value = _option(args, name, default)
+        if not low <= value <= high:
+            raise DeviceError("--%s must be between %s and %s, got %s" % (name.replace("_", "-"), low, high, value))
+        values[name] = value
+    if values["buffer_cap_ms"] < values["out_target_ms"] + values["out_realign_ms"] + values["block_ms"] or \
+            values["buffer_cap_ms"] < values["in_realign_ms"] + values["block_ms"]:
+        raise DeviceError("--buffer-cap-ms must exceed the cushion plus the realign thresholds")
+    latency = _option(args, "device_latency", DEVICE_LATENCY)
+    if latency not in ("low", "high"):
+        try:
+            latency = float(latency)
+        except (TypeError, ValueError):
+            raise DeviceError("--device-latency must be low, high or seconds, got %s" % latency)
+        if not 0 < latency <= 2:
+            raise DeviceError("--device-latency in seconds must be between 0 and 2, got %s" % latency)
+    values["device_latency"] = latency
+    values["resample_quality"] = _option(args, "resample_quality", RESAMPLE_QUALITY)
+    settle = getattr(args, "settle_s", None)
+    if settle is not None and not 0 <= settle <= 60:
+        raise DeviceError("--settle-s must be between 0 and 60, got %s" % settle)
+    values["settle_s"] = settle
+    return values
+
+
+class _Session:
+    """run_live's state between the main loop, status display and fault handling."""
+
+    def __init__(self, chain, args, out, err, warn_interval_s=WARN_INTERVAL_S):
+        self.chain, self.args, self.out, self.err = chain, args, out, err
+        self.warn_interval_s = warn_interval_s
+        self.quiet = bool(getattr(args, "quiet", False))
+        self.tty = hasattr(out, "isatty") and out.isatty()
+        self.status_shown = False
+        self.status_width = 0
+        self.last_warn = {}
+        self.warn_seen = {}
+
+    def say(self, text, stream=None):
+        stream = stream or self.out
+        if self.status_shown:
+            self.out.write("\n")
+            self.status_shown = False
+        print(text, file=stream, flush=True)
+
+    def status(self, text):
+        if self.quiet:
+            return
+        if self.tty:
+            # Never wider than the terminal (a wrapped line cannot be redrawn in place); pad with spaces rather
+            # than an ANSI erase, which Windows consoles may print literally.
+            import shutil
+            text = text[:max(20, shutil.get_terminal_size((100, 20)).columns - 1)]
+            self.out.write("\r" + text.ljust(self.status_width))
+            self.out.flush()
+            self.status_width = len(text)
+            self.status_shown = True
+        else:
+            print(text, file=self.out, flush=True)
+
+    def warn(self, kind, count, advice):
+        """At most one warning of each kind per --warn-interval-s, giving the count so far."""
+        now = time.monotonic()
+        seen = self.warn_seen.get(kind, 0)
+        if count <= seen or now - self.last_warn.get(kind, -1e9) < self.warn_interval_s:
+            return
+        self.say("warning: %d %s so far; %s" % (count, kind, advice), self.err)
+        self.warn_seen[kind] = count
+        self.last_warn[kind] = now
+
+
+def _device_identity(index):
+    sd = sounddevice_module()
+    d = sd.query_devices(index)
+    return d["name"], sd.query_hostapis(d["hostapi"])["name"]
+
+
+def _find_again(identity, kind, was_default):
+    """Index of the same device after a re-scan, or None while it is still missing."""
+    sd = sounddevice_module()
+    if was_default:
+        index = sd.default.device[0 if kind == "input" else 1]
+        return index if index >= 0 else None
+    for index, d in enumerate(sd.query_devices()):
+        if d["name"] == identity[0] and sd.query_hostapis(d["hostapi"])["name"] == identity[1] \
+                and d[_channels_key(kind)] > 0:
+            return index
+    return None
+
+
+def _check_not_own_output(mic_index, cable_index):
+    """Refuse to listen to our own cable (the default microphone may be 'Denoised microphone')."""
+    if mic_index == cable_index:
+        raise DeviceError("the microphone and the cable are the same device (%d)" % mic_index)
+    if _platform() != "linux":
+        return
+    name = sounddevice_module().query_devices(mic_index)["name"]
+    node = _ALSA_NAMES.get(name, (name, ""))[0]
+    own = (LINUX_CABLE_SOURCE, LINUX_CABLE_SINK + ".monitor")
+    if name == "default" and _SERVER.get("Default Source") in own:
+        raise DeviceError("the system's default microphone is '%s', this pipeline's own output; pass --mic with "
+                          "your real microphone (see --list)" % _SERVER["Default Source"])
+    if node in own:
+        raise DeviceError("--mic '%s' is this pipeline's own output; pick your real microphone (see --list)" % node)
+
+
+def run_live(chain, args):
+    """Stream microphone -> chain -> cable until Ctrl+C (or SIGTERM). Returns the exit code.
+
+    Prints the latency and READY_LINE at start, a status line every STATUS_INTERVAL_S unless --quiet, and a final
+    'stats: ...' line (see parse_stats) with the counters, also counted after the first SETTLE_S (settled_*).
+    """
+    out, err = sys.stdout, sys.stderr
+    try:
+        opts = _check_options(args)
+        mic_spec = parse_device_spec(getattr(args, "mic", None))
+        cable_spec = parse_device_spec(getattr(args, "cable", None))
+        if getattr(args, "list", False):
+            return print_devices(mic_spec, cable_spec)
+        mic_index = resolve(mic_spec, "input")
+        cable_index = resolve(cable_spec, "output")
+        _check_not_own_output(mic_index, cable_index)
+        identities = (_device_identity(mic_index), _device_identity(cable_index))
+    except DeviceError as exc:
+        print("error: %s" % exc, file=err)
+        if exc.details:
+            print(exc.details, file=err)
+        return 1
+
+    engine = LiveEngine(chain, block_ms=opts["block_ms"], out_target_ms=opts["out_target_ms"],
+                        out_realign_ms=opts["out_realign_ms"], in_realign_ms=opts["in_realign_ms"],
+                        buffer_cap_ms=opts["buffer_cap_ms"], device_latency=opts["device_latency"],
+                        resample_quality=opts["resample_quality"])
+    session = _Session(chain, args, out, err, opts["warn_interval_s"])
+    old_handlers = _install_stop_signals()
+    started = None
+    settled_base = None
+    code = 0
+    try:
+        try:
+            engine.open_streams(mic_index, cable_index)
+        except DeviceError:
+            raise
+        except Exception as exc:
+            raise DeviceError("could not open the devices: %s" % exc)
+        algorithm, buffering, devices = engine.latency_parts_ms()
+        session.say("microphone: %d %s [%s, %d Hz]" % (mic_index, identities[0][0], identities[0][1], engine.in_rate))
+        session.say("cable:      %d %s [%s, %d Hz]" % (cable_index, identities[1][0], identities[1][1],
+                                                       engine.out_rate))
+        session.say("latency: %.1f ms total = %.1f ms algorithm + %.1f ms buffers + %.1f ms devices"
+                    % (algorithm + buffering + devices, algorithm, buffering, devices))
+        session.say(READY_LINE)
+        # The pipelines say how long their start-up takes to settle (STARTUP_BUFFER_MS); SETTLE_S otherwise.
+        settle_s = opts["settle_s"]
+        if settle_s is None:
+            settle_s = getattr(chain, "startup_ms", SETTLE_S * 1000.0) / 1000.0
+        started = time.monotonic()
+        next_status = started + opts["status_interval_s"]
+        calls, last_call = [engine.in_calls, engine.out_calls], [started, started]
+        slow_hops = 0
+        cushion_shown = engine.cushion_ms
+        while True:
+            time.sleep(0.05)
+            now = time.monotonic()
+            if engine.error is not None:
+                raise DeviceError("processing failed: %s: %s" % (type(engine.error).__name__, engine.error))
+            if settled_base is None and now - started >= settle_s:
+                settled_base = dict(engine.counts)
+            for i, value in enumerate((engine.in_calls, engine.out_calls)):
+                if value != calls[i]:
+                    calls[i], last_call[i] = value, now
+            lost = _lost_device(engine, now - last_call[0], now - last_call[1], opts["device_stall_s"])
+            if lost:
+                engine.counts["device_losses"] += 1
+                mic_index, cable_index = _recover(engine, session, lost, identities, mic_spec, opts)
+                now = time.monotonic()
+                calls, last_call = [engine.in_calls, engine.out_calls], [now, now]
+                continue
+            if abs(engine.cushion_ms - cushion_shown) > 5:
+                cushion_shown = engine.cushion_ms
+                session.say("output cushion now %.0f ms: the chain's slow calls (a model run per hop) take %.0f ms"
+                            % (cushion_shown, engine._chain_burst_ms))
+            if now >= next_status:
+                next_status = now + opts["status_interval_s"]
+                try:
+                    chain_status = dict(chain.status() or {})
+                except Exception:  # a status display must never stop the audio
+                    chain_status = {}
+                session.status(format_status(engine, chain_status, engine.take_levels()))
+                c = engine.counts
+                session.warn("underruns", c["underruns"], "processing or the microphone is late: raise --out-target-ms")
+                session.warn("overruns", c["overruns"], "buffers overflowed: processing stalled or too slow")
+                session.warn("realigns", c["realigns"], "latency was cut back (devices drift, or processing stalled)")
+                hop, budget = chain_status.get("hop_ms"), chain_status.get("hop_budget_ms")
+                if hop is not None and budget and hop > budget:
+                    slow_hops += 1
+                    session.warn("slow hops", slow_hops,
+                                 "processing took %.1f ms for a %.1f ms hop: slower than real time" % (hop, budget))
+    except KeyboardInterrupt:
+        pass
+    except DeviceError as exc:
+        session.say("error: %s" % exc, err)
+        if exc.details:
+            print(exc.details, file=err)
+        code = 1
+    finally:
+        _ignore_stop_signals()
+        engine.close_streams()
+        _restore_signals(old_handlers)
+        seconds = time.monotonic() - started if started is not None else 0.0
+        settled = {k: engine.counts[k] - (settled_base or engine.counts)[k] for k in LiveEngine.COUNTERS}
+        session.say("%s seconds=%.2f %s %s" % (
+            STATS_PREFIX, seconds, " ".join("%s=%d" % kv for kv in engine.counts.items()),
+            " ".join("settled_%s=%d" % kv for kv in settled.items())))
+    return code
+
+
+def _lost_device(engine, input_silent_s, output_silent_s, stall_s=DEVICE_STALL_S):
+    """'microphone' / 'cable' when that stream died or stopped calling back, else None."""
+    for label, stream, silent_s in (("microphone", engine.in_stream, input_silent_s),
+                                    ("cable", engine.out_stream, output_silent_s)):
+        if stream is None or not stream.active or silent_s > stall_s:
+            return label
+    return None
+
+
+def _recover(engine, session, lost, identities, mic_spec, opts):
+    """Close everything, then re-scan every RETRY_INTERVAL_S until both devices open again."""
+    engine.close_streams()
+    session.say("warning: the %s stopped (unplugged, asleep or removed); retrying every %.1f s"
+                % (lost, opts["retry_interval_s"]), session.err)
+    attempts = 0
+    while True:
+        time.sleep(opts["retry_interval_s"])
+        attempts += 1
+        try:
+            rescan_devices()
+            mic_index = _find_again(identities[0], "input", mic_spec is None)
+            cable_index = _find_again(identities[1], "output", False)
+            if mic_index is not None and cable_index is not None:
+                engine.open_streams(mic_index, cable_index)
+                session.say("resumed after %d %s: microphone %d, cable %d"
+                            % (attempts, "retry" if attempts == 1 else "retries", mic_index, cable_index))
+                return mic_index, cable_index
+        except Exception as exc:  # PortAudio refuses while the device is half there; try again
+            engine.close_streams()
+            if attempts % 10 == 0:
+                session.say("warning: still waiting for the %s (%s)" % (lost, exc), session.err)
+
+
+_STOPPING = [False]
+
+
+def _raise_interrupt(signum, frame):
+    # Once: Ctrl+C in a terminal reaches both the launcher (which forwards SIGTERM) and this process, and a
+    # second interrupt must not cut the clean shutdown short.
+    if not _STOPPING[0]:
+        _STOPPING[0] = True
+        raise KeyboardInterrupt
+
+
+def _install_stop_signals():
+    """SIGINT (Ctrl+C) and SIGTERM (the launcher, kill) both stop cleanly. SIGINT is re-armed because a process
+    started in the background by a shell inherits it ignored."""
+    old = {}
+    _STOPPING[0] = False
+    if threading.current_thread() is not threading.main_thread():
+        return old
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            try:
+                old[signum] = signal.signal(signum, _raise_interrupt)
+            except (OSError, ValueError):
+                pass
+    return old
+
+
+def _ignore_stop_signals():
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in ("SIGINT", "SIGTERM"):
+        try:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _restore_signals(old):
+    for signum, handler in old.items():
+        try:
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,611 @@
+"""live_audio.py: buffering, realignment, device lookup, and both pipelines live through a real sound server.
+
+The buffering tests drive the engine's real callbacks and processing thread with a pass-through chain. The rest
+run against a private PipeWire (tests/sound_server.py): a fake microphone fed by paplay, the project's cable,
+and a stereo probe recording what the microphone gave and what reached the cable, sample-synchronously.
+"""
+import io
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import live_audio  # noqa: E402
+from sound_server import FAKE_MIC, FAKE_MIC_SINK, SoundServer  # noqa: E402
+
+RATE = 16000
+DEV_NOISY = REPO.parent / "shared" / "data" / "dev" / "noisy"
+
+# A stand-in chain for live tests of the streaming machinery alone: a pass-through with a fixed delay.
+STANDIN = '''
+import argparse, sys, time
+import numpy as np
+sys.path.insert(0, %r)
+import live_audio
+
+class DelayChain:
+    def __init__(self, delay):
+        self.latency_samples = delay
+        self.line = np.zeros(delay, np.float32)
+    def process(self, x):
+        joined = np.concatenate([self.line, x])
+        self.line = joined[len(x):]
+        return joined[:len(x)].copy()
+    def status(self):
+        return {"gate_open": 1.0, "hop_ms": 0.1, "hop_budget_ms": 10.0}
+
+parser = argparse.ArgumentParser()
+live_audio.add_arguments(parser)
+args = parser.parse_args()
+sys.exit(live_audio.run_live(DelayChain(320), args))
+''' % str(REPO)
+
+
+class DelayChain:
+    """Pass-through with a fixed delay; optionally stalls once (sleeps) after `stall_after` samples, or takes
+    `hop_s` on every `hop`-th sample boundary like a model that runs once per hop."""
+
+    def __init__(self, delay=320, stall_after=None, stall_s=0.0, hop=None, hop_s=0.0):
+        self.latency_samples = delay
+        self.line = np.zeros(delay, np.float32)
+        self.seen = 0
+        self.stall_after, self.stall_s = stall_after, stall_s
+        self.hop, self.hop_s = hop, hop_s
+
+    def process(self, x):
+        joined = np.concatenate([self.line, x])
+        self.line = joined[len(x):]
+        before, self.seen = self.seen, self.seen + len(x)
+        if self.stall_after is not None and self.seen >= self.stall_after:
+            self.stall_after = None
+            time.sleep(self.stall_s)
+        if self.hop and self.seen // self.hop > before // self.hop:
+            time.sleep(self.hop_s)
+        return joined[:len(x)].copy()
+
+    def status(self):
+        return {"gate_open": 1.0, "hop_ms": 0.1, "hop_budget_ms": 10.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Buffering, without devices: the engine's callbacks are driven the way PortAudio drives them
+# ---------------------------------------------------------------------------------------------------------------
+def test_ring_buffer_wraps_drops_newest_when_full_and_skips():
+    ring = live_audio.RingBuffer(8)
+    assert ring.write(np.arange(6, dtype=np.float32)) == 0
+    out = np.zeros(4, np.float32)
+    assert ring.read_into(out) == 4 and out.tolist() == [0, 1, 2, 3]
+    assert ring.write(np.arange(6, 13, dtype=np.float32)) == 1  # 2 left + 7 new > 8: the newest is dropped
+    ring.skip(3)
+    out = np.zeros(8, np.float32)
+    assert ring.read_into(out) == 5 and out[:5].tolist() == [7, 8, 9, 10, 11]
+    assert ring.read_into(out) == 0
+
+
+def _feed(engine, signal_, block=160, pace_s=None, outputs_per_input=1, snapshot_after=None):
+    """Push signal_ through engine.on_input/on_output in blocks. pace_s=None waits for the processing thread
+    after each input block (deterministic); a number paces the blocks in real time like a device clock.
+    snapshot_after=n copies engine.counts into engine.snapshot after n blocks."""
+    indata = np.zeros((block, 1), np.float32)
+    outdata = np.zeros((block, 1), np.float32)
+    played = []
+    engine.start_processing()
+    started = time.perf_counter()
+    try:
+        for n, i in enumerate(range(0, len(signal_) - block + 1, block)):
+            indata[:, 0] = signal_[i:i + block]
+            target = engine.out_ring.written + block
+            engine.on_input(indata, block, None, 0)
+            if pace_s is None:
+                deadline = time.monotonic() + 5
+                while engine.out_ring.written < target and engine.out_ring.depth() < engine.out_ring.capacity \
+                        and time.monotonic() < deadline:
+                    time.sleep(0.0005)
+            else:
+                delay = started + (n + 1) * pace_s - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            if n % outputs_per_input == 0:
+                engine.on_output(outdata, block, None, 0)
+                played.append(outdata[:, 0].copy())
+            if n + 1 == snapshot_after:
+                engine.snapshot = dict(engine.counts)
+    finally:
+        engine.stop_processing()
+    assert engine.error is None
+    return np.concatenate(played)
+
+
+def _lag(x, y, max_lag=16000):
+    """Lag of y behind x (samples) where y[n] == x[n - lag] holds for most non-zero samples."""
+    from scipy.signal import correlate
+    cc = correlate(y, x, mode="full", method="fft")
+    mid = len(x) - 1
+    return int(np.argmax(cc[mid:mid + max_lag]))
+
+
+def test_engine_passes_audio_through_exactly_with_constant_delay():
+    rng = np.random.default_rng(1)
+    x = (0.1 * rng.standard_normal(RATE)).astype(np.float32)
+    engine = live_audio.LiveEngine(DelayChain(320), out_target_ms=30)
+    y = _feed(engine, x)
+    lag = _lag(x, y)
+    assert lag >= 320
+    assert np.array_equal(y[lag:], x[:len(y) - lag]), "output must be the input, delayed, bit for bit"
+    assert not np.any(y[:lag]), "before the cushion fills the output is silence"
+    assert engine.counts["underruns"] == engine.counts["overruns"] == engine.counts["realigns"] == 0
+
+
+def test_output_backlog_is_cut_back_instead_of_growing():
+    """Input arriving twice as fast as the output plays (a fast microphone clock, a stalled output)."""
+    rng = np.random.default_rng(2)
+    x = (0.1 * rng.standard_normal(RATE)).astype(np.float32)
+    engine = live_audio.LiveEngine(DelayChain(0), out_target_ms=30, out_realign_ms=40)
+    y = _feed(engine, x, outputs_per_input=2)
+    assert engine.counts["realigns"] >= 3
+    assert engine.counts["overruns"] == 0
+    # Latency stays bounded: never more than cushion + threshold + one block queued.
+    assert engine.out_ring.depth() <= (30 + 40) * RATE // 1000 + 2 * 160
+    # What is played is still real input (dropped, never garbled): every played block is a block of x.
+    blocks = {x[i:i + 160].tobytes() for i in range(0, len(x) - 159)}
+    played = [y[i:i + 160] for i in range(0, len(y) - 159, 160) if np.any(y[i:i + 160])]
+    assert played and all(b.tobytes() in blocks for b in played[1:])
+
+
+def test_stalled_processing_realigns_and_underrun_plays_silence():
+    """The chain stalls 400 ms once, in real time: the output runs dry (silence, counted), the input backlog
+    is dropped (a realign, counted), and the delay afterwards is what it was before."""
+    rng = np.random.default_rng(3)
+    x = (0.1 * rng.standard_normal(2 * RATE)).astype(np.float32)
+    engine = live_audio.LiveEngine(DelayChain(320, stall_after=RATE // 2, stall_s=0.4), out_target_ms=30,
+                                   in_realign_ms=150)
+    y = _feed(engine, x, pace_s=0.01)
+    assert engine.counts["realigns"] >= 1
+    assert engine.counts["underruns"] >= 1
+    assert engine.counts["overruns"] == 0
+    before = _lag(x[:RATE // 2], y[:RATE // 2 + 4000])
+    tail = slice(len(y) - RATE // 2, len(y))
+    after_lag = _lag(x, np.concatenate([np.zeros(tail.start, np.float32), y[tail]]))
+    assert abs(after_lag - before) <= 480, "latency after the stall must return to its level before it"
+    # Every sample played is silence or the input at one of the two delays: no stale or garbage audio.
+    n = np.arange(len(y))
+    ok = (y == 0)
+    for lag in (before, after_lag):
+        src = n - lag
+        valid = (src >= 0) & (src < len(x))
+        ok |= valid & (y == x[np.clip(src, 0, len(x) - 1)])
+    assert ok.mean() > 0.97, "%.3f of the samples are neither silence nor input" % (1 - ok.mean())
+
+
+def test_cushion_grows_to_cover_a_chain_that_runs_once_per_hop():
+    """A chain that spends 120 ms on every 200 ms hop (as the ML chain runs its model once per hop) drains the
+    output for 120 ms each time, beyond the fixed cushion plus realign threshold: underrun, refill, realign,
+    over and over. The cushion grows to cover it, after which nothing underruns or realigns."""
+    rng = np.random.default_rng(5)
+    x = (0.1 * rng.standard_normal(4 * RATE)).astype(np.float32)
+    engine = live_audio.LiveEngine(DelayChain(320, hop=3200, hop_s=0.12), out_target_ms=30, out_realign_ms=80)
+    y = _feed(engine, x, pace_s=0.01, snapshot_after=200)
+    assert 30 + 110 <= engine.cushion_ms <= 30 + 170
+    assert engine.counts["underruns"] == engine.snapshot["underruns"], "underruns after the cushion grew"
+    assert engine.counts["realigns"] == engine.snapshot["realigns"], "realigns after the cushion grew"
+    assert engine.counts["overruns"] == 0
+    tail = slice(len(y) - RATE // 2, len(y))
+    lag = _lag(x, np.concatenate([np.zeros(tail.start, np.float32), y[tail]]))
+    assert np.array_equal(y[tail], x[tail.start - lag:tail.stop - lag]), "the last half second is clean"
+
+
+def test_output_underrun_gives_silence_not_stale_audio():
+    engine = live_audio.LiveEngine(DelayChain(0), out_target_ms=10)
+    engine.out_ring.write(np.full(320, 0.5, np.float32))
+    out = np.ones((160, 1), np.float32)
+    engine.on_output(out, 160, None, 0)
+    assert np.all(out == 0.5)
+    engine.on_output(out, 160, None, 0)
+    engine.on_output(out, 160, None, 0)  # ring empty: silence, one underrun
+    assert np.all(out == 0) and engine.counts["underruns"] == 1
+
+
+def test_resampling_engine_keeps_the_signal():
+    """A device at 48 kHz in and 44.1 kHz out: soxr streams carry their state across blocks."""
+    engine = live_audio.LiveEngine(DelayChain(0), out_target_ms=30)
+    engine.configure(48000, 44100)
+    assert engine.in_resampler is not None and engine.out_resampler is not None
+    t = np.arange(48000) / 48000
+    x = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    indata = np.zeros((480, 1), np.float32)
+    got, chunks = np.zeros(44100, np.float32), []
+    engine.start_processing()
+    try:
+        for i in range(0, len(x), 480):
+            indata[:, 0] = x[i:i + 480]
+            engine.on_input(indata, 480, None, 0)
+            deadline = time.monotonic() + 5
+            while engine.in_ring.depth() and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            time.sleep(0.001)
+            chunks.append(got[:engine.out_ring.read_into(got)].copy())
+    finally:
+        engine.stop_processing()
+    y = np.concatenate(chunks)
+    assert engine.counts["overruns"] == engine.counts["realigns"] == 0
+    assert len(y) > 40000
+    steady = y[4000:40000]
+    spectrum = np.abs(np.fft.rfft(steady * np.hanning(len(steady))))
+    peak_hz = np.argmax(spectrum) * 44100 / len(steady)
+    assert abs(peak_hz - 440) < 3
+    assert 0.28 < np.max(np.abs(steady)) < 0.32
+    # No clicks at block joins: a 440 Hz sine changes by at most 2*pi*440/44100*0.3 per sample.
+    assert np.max(np.abs(np.diff(steady))) < 0.3 * 2 * np.pi * 440 / 44100 * 1.2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Device lookup on PortAudio-shaped device lists (Windows lists each device once per host API)
+# ---------------------------------------------------------------------------------------------------------------
+HOSTAPIS = [{"name": "MME"}, {"name": "Windows DirectSound"}, {"name": "Windows WASAPI"}]
+
+
+def _dev(name, api, ins=0, outs=0):
+    return {"name": name, "hostapi": api, "max_input_channels": ins, "max_output_channels": outs,
+            "default_samplerate": 48000.0}
+
+
+WINDOWS = [
+    _dev("Microsoft Sound Mapper - Input", 0, ins=2),
+    _dev("Microphone (USB Audio Device)", 0, ins=1),
+    _dev("CABLE Input (VB-Audio Virtual C", 0, outs=2),  # MME cuts names to 31 characters
+    _dev("Speakers (Realtek(R) Audio)", 0, outs=2),
+    _dev("CABLE Input (VB-Audio Virtual Cable)", 1, outs=2),
+    _dev("CABLE Input (VB-Audio Virtual Cable)", 2, outs=2),
+    _dev("Microphone (USB Audio Device)", 2, ins=1),
+    _dev("CABLE-A Input (VB-Audio Cable A)", 2, outs=2),
+]
+
+
+def test_cable_name_prefers_wasapi_over_mme_and_directsound():
+    assert live_audio.find_device("CABLE Input", "output", WINDOWS, HOSTAPIS) == 5
+    assert live_audio.find_device("usb", "input", WINDOWS, HOSTAPIS) == 6
+
+
+def test_lookup_by_index_and_default():
+    assert live_audio.find_device(3, "output", WINDOWS, HOSTAPIS) == 3
+    assert live_audio.find_device(None, "input", WINDOWS, HOSTAPIS, default_index=1) == 1
+    with pytest.raises(live_audio.DeviceError, match="not an input device"):
+        live_audio.find_device(3, "input", WINDOWS, HOSTAPIS)
+    with pytest.raises(live_audio.DeviceError, match="does not exist"):
+        live_audio.find_device(42, "input", WINDOWS, HOSTAPIS)
+
+
+def test_ambiguous_and_missing_names_list_the_candidates():
+    with pytest.raises(live_audio.DeviceError) as err:
+        live_audio.find_device("Input (VB", "output", WINDOWS, HOSTAPIS)
+    assert "matches 2 output devices" in str(err.value)
+    assert "CABLE-A Input" in err.value.details and "CABLE Input (VB-Audio Virtual Cable)" in err.value.details
+    with pytest.raises(live_audio.DeviceError) as err:
+        live_audio.find_device("BlackHole", "output", WINDOWS, HOSTAPIS, hint="Install BlackHole")
+    assert str(err.value) == "no output device matches 'BlackHole'"
+    assert "Speakers (Realtek(R) Audio)" in err.value.details and "Install BlackHole" in err.value.details
+    assert "Microphone" not in err.value.details, "an output lookup lists output devices only"
+
+
+def test_device_spec_parsing():
+    assert live_audio.parse_device_spec(None) is None
+    assert live_audio.parse_device_spec("") is None
+    assert live_audio.parse_device_spec("7") == 7
+    assert live_audio.parse_device_spec(" USB ") == "USB"
+
+
+def test_alsa_definitions_make_server_names_safe():
+    text, names = live_audio._alsa_config_text(
+        "pipewire", [("alsa_output.pci-0000_00_1f.3.analog-stereo", 'Built-in "Audio"'), ("default", "x")],
+        [("denoised_mic", "Denoised microphone")])
+    assert "pcm.alsa_output_pci_0000_00_1f_3_analog_stereo { type asym playback.pcm { type pipewire " \
+           "playback_node \"alsa_output.pci-0000_00_1f.3.analog-stereo\" }" in text
+    assert "description \"Built-in 'Audio'\"" in text
+    assert "pcm.server_default " in text, "a server node must never shadow ALSA's own 'default'"
+    assert names["denoised_mic"] == ("denoised_mic", "Denoised microphone")
+    assert "capture.pcm { type pipewire capture_node \"denoised_mic\" }" in text
+
+
+def test_bad_tunable_is_one_line_error(capsys):
+    import argparse
+    parser = live_audio.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--out-target-ms", "-5"])
+    assert live_audio.run_live(DelayChain(), args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --out-target-ms must be between 0 and 5000, got -5"]
+
+
+def test_warnings_are_rate_limited():
+    err = io.StringIO()
+    session = live_audio._Session(None, None, io.StringIO(), err, warn_interval_s=60)
+    session.warn("underruns", 1, "advice")
+    session.warn("underruns", 2, "advice")  # within the interval: held back
+    session.warn("realigns", 1, "other advice")  # another kind has its own allowance
+    assert err.getvalue().splitlines() == ["warning: 1 underruns so far; advice",
+                                           "warning: 1 realigns so far; other advice"]
+
+
+def test_parse_stats_reads_the_summary_line():
+    text = "noise\nstats: seconds=1.50 overruns=2 underruns=0 settled_overruns=1\n"
+    assert live_audio.parse_stats(text) == {"seconds": 1.5, "overruns": 2, "underruns": 0, "settled_overruns": 1}
+    assert live_audio.parse_stats("nothing") is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Live, through a real sound server
+# ---------------------------------------------------------------------------------------------------------------
+class LiveProcess:
+    """A pipeline (or the stand-in) running live; stdout/stderr collected by threads."""
+
+    def __init__(self, argv, env, cwd=REPO):
+        self.proc = subprocess.Popen([str(a) for a in argv], env=env, cwd=str(cwd), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.out, self.err = [], []
+        self.threads = [threading.Thread(target=self._pump, args=(s, buf), daemon=True)
+                        for s, buf in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _pump(stream, buf):
+        for line in stream:
+            buf.append(line)
+
+    def text(self):
+        return "".join(self.out), "".join(self.err)
+
+    def wait_for(self, needle, timeout=60, stream="out"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(needle in line for line in (self.out if stream == "out" else self.err)):
+                return
+            if self.proc.poll() is not None:
+                time.sleep(0.2)
+                break
+            time.sleep(0.05)
+        out, err = self.text()
+        raise AssertionError("no %r from the live process (exit %s):\n%s\n%s" % (needle, self.proc.poll(), out, err))
+
+    def stop(self):
+        """Ctrl+C, as a user would; returns (exit code, stdout, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        for t in self.threads:
+            t.join(5)
+        return (self.proc.returncode,) + self.text()
+
+
+def _live(server, argv, extra_env=None):
+    env = dict(server.env, PYTHONUNBUFFERED="1", **(extra_env or {}))
+    return LiveProcess([sys.executable, *argv], env)
+
+
+@pytest.fixture(scope="module")
+def speech_wav(tmp_path_factory):
+    """About 10 s of the dev set's noisy speech, as one 16 kHz file."""
+    import soundfile as sf
+    files = sorted(DEV_NOISY.glob("*.wav"))
+    if not files:
+        pytest.skip("dev set not found at %s" % DEV_NOISY)
+    parts, total = [], 0
+    for f in files:
+        x, rate = sf.read(f, dtype="float32")
+        assert rate == RATE
+        parts.append(x)
+        total += len(x)
+        if total >= 10 * RATE:
+            break
+    audio = np.concatenate(parts)[:10 * RATE]
+    path = tmp_path_factory.mktemp("live") / "speech.wav"
+    sf.write(path, audio, RATE)
+    return path
+
+
+def _aligned_lag(reference, live, max_lag=RATE):
+    """Integer lag of live behind reference (the private graph runs at 16 kHz, so no fractional delay)."""
+    from scipy.signal import correlate
+    cc = correlate(live, reference, mode="full", method="fft")
+    mid = len(reference) - 1
+    return int(np.argmax(cc[mid:mid + max_lag]))
+
+
+def _active_span(x, threshold=1e-4):
+    idx = np.flatnonzero(np.abs(x) > threshold)
+    assert len(idx), "nothing reached the recording"
+    return idx[0], idx[-1] + 1
+
+
+@pytest.mark.parametrize("script", ["ml_denoiser_pipeline.py", "dsp_filter_pipeline.py"])
+def test_live_pipeline_matches_file_mode(script, sound_server, fake_mic, cable, probe, speech_wav, request):
+    """10 s of noisy speech through the live pipeline: same audio as file mode, the documented latency, and
+    no over/underruns once settled."""
+    import importlib
+    module = importlib.import_module(script[:-3])
+    extra, kwargs = [], {}
+    if script.startswith("ml_"):
+        model = request.getfixturevalue("random_model")
+        extra, kwargs = ["--model", str(model)], {"model_path": str(model)}
+    live = _live(sound_server, [REPO / script, "--mic", FAKE_MIC, "--quiet", *extra])
+    live.wait_for(live_audio.READY_LINE)
+    player = sound_server.play(str(speech_wav), FAKE_MIC_SINK)
+    assert player.wait(30) == 0, player.stderr.read()
+    time.sleep(0.5)
+    code, out, err = live.stop()
+    recording = SoundServer.stop_recording(probe)
+    assert code == 0, err
+    assert "Traceback" not in err
+
+    stats = live_audio.parse_stats(out)
+    assert stats is not None, out
+    assert stats["settled_overruns"] == 0 and stats["settled_underruns"] == 0, out
+    assert stats["settled_device_xruns"] == 0, "PortAudio reported an over/underrun: " + out
+    assert stats["device_losses"] == 0
+
+    mic, cabled = recording[:, 0], recording[:, 1]
+    reference = module.denoise_array(mic, **kwargs)
+    start, stop = _active_span(mic)
+    corr, lags, raw = _piecewise_match(reference[start:stop], cabled[start:], mic[start:stop])
+    latency_ms = 1000.0 * float(np.median(lags)) / RATE
+    print("%s live: correlation %.4f (with the raw microphone %.4f), latency %.1f ms (algorithm %.1f ms), "
+          "%d lag change(s), %s" % (script, corr, raw, latency_ms, module.latency_ms(),
+                                    np.count_nonzero(np.diff(lags)), out.strip().splitlines()[-1]))
+    assert corr >= 0.9
+    assert corr > raw + 0.01, "the cable must carry the processed signal, not the microphone passed through"
+    assert abs(latency_ms - module.latency_ms()) <= 100
+
+
+def _piecewise_match(reference, live, raw, window=RATE // 2, min_windows=8):
+    """Correlation of live with reference after aligning each half second on its own (a loaded test machine
+    can make the sound server drop a few samples unannounced, which shifts everything after it), the lag of
+    each window, and the same correlation with the raw microphone at those lags."""
+    ref_parts, live_parts, raw_parts, lags = [], [], [], []
+    for begin in range(0, len(reference) - window + 1, window):
+        seg = reference[begin:begin + window]
+        if np.sqrt(np.mean(seg ** 2)) < 1e-4:  # near-silent: its alignment would be noise
+            continue
+        lag = _aligned_lag(seg, live[begin:begin + window + RATE], max_lag=RATE)
+        if begin + lag + window > len(live):
+            break
+        lags.append(lag)
+        ref_parts.append(seg)
+        live_parts.append(live[begin + lag:begin + lag + window])
+        raw_parts.append(raw[begin:begin + window])
+    assert len(lags) >= min_windows, "too little audio reached the cable"
+    joined = np.concatenate(live_parts)
+    corr = np.corrcoef(np.concatenate(ref_parts), joined)[0, 1]
+    raw_corr = np.corrcoef(np.concatenate(raw_parts), joined)[0, 1]
+    return corr, np.array(lags), raw_corr
+
+
+def test_recovers_when_the_microphone_vanishes_and_returns(sound_server, fake_mic, cable, probe, tmp_path):
+    script = tmp_path / "standin.py"
+    script.write_text(STANDIN)
+    rng = np.random.default_rng(4)
+    import soundfile as sf
+    noise = tmp_path / "noise.wav"
+    sf.write(noise, (0.1 * rng.standard_normal(7 * RATE)).astype(np.float32), RATE)
+    live = _live(sound_server, [script, "--mic", FAKE_MIC, "--quiet", "--retry-interval-s", "0.5"])
+    live.wait_for(live_audio.READY_LINE)
+    player = sound_server.play(str(noise), FAKE_MIC_SINK)
+    time.sleep(1.0)
+    fake_mic.remove_source()
+    live.wait_for("the microphone stopped", timeout=10, stream="err")
+    time.sleep(1.0)
+    fake_mic.add_source()
+    live.wait_for("resumed", timeout=10)
+    time.sleep(2.0)
+    code, out, err = live.stop()
+    player.terminate()
+    player.wait(10)
+    recording = SoundServer.stop_recording(probe)
+    assert code == 0, err
+    stats = live_audio.parse_stats(out)
+    assert stats["device_losses"] == 1, out
+    # In the last 1.5 s before the stop, the cable carries the microphone again (delayed, unchanged).
+    mic, cabled = recording[:, 0], recording[:, 1]
+    _, stop = _active_span(cabled)
+    start = stop - 2 * RATE
+    corr, lags, _ = _piecewise_match(mic[start:stop - RATE // 2], cabled[start:], mic[start:stop - RATE // 2],
+                                     window=RATE // 4, min_windows=4)
+    assert corr > 0.99
+
+
+def test_device_that_refuses_16k_is_opened_at_its_rate_and_resampled(sound_server, fake_mic, cable, probe,
+                                                                      tmp_path, speech_wav):
+    """An ALSA pcm pinned to 48 kHz (input) and 44.1 kHz (output), like hardware without a rate converter."""
+    conf = tmp_path / "pinned.conf"
+    conf.write_text('pcm.mic48k { type asym capture.pcm { type pipewire capture_node "%s" rate 48000 } }\n'
+                    'pcm.cable44k { type asym playback.pcm { type pipewire playback_node "denoiser_cable" '
+                    'rate 44100 } }\n' % FAKE_MIC)
+    script = tmp_path / "standin.py"
+    script.write_text(STANDIN)
+    live = _live(sound_server, [script, "--mic", "mic48k", "--cable", "cable44k", "--status-interval-s", "0.5"],
+                 {"ALSA_CONFIG_PATH": "/usr/share/alsa/alsa.conf:%s" % conf})
+    live.wait_for(live_audio.READY_LINE)
+    out_so_far = "".join(live.out)
+    assert "48000 Hz" in out_so_far and "44100 Hz" in out_so_far, out_so_far
+    player = sound_server.play(str(speech_wav), FAKE_MIC_SINK)
+    time.sleep(4.0)
+    player.terminate()
+    player.wait(5)
+    code, out, err = live.stop()
+    recording = SoundServer.stop_recording(probe)
+    assert code == 0, err
+    stats = live_audio.parse_stats(out)
+    assert stats["settled_overruns"] == 0 and stats["settled_underruns"] == 0, out
+    status = [line for line in out.splitlines() if line.startswith("in ")]
+    assert len(status) >= 6, "a status line about twice a second:\n" + out
+    assert re.match(r"in +-?\d+\.\d out +-?\d+\.\d dBFS gate 100% hop 0\.1/10ms buf \d+\+\d+ms "
+                    r"over \d+ under \d+ realign \d+$", status[-1]), status[-1]
+    # Two resamplers (PipeWire's and soxr's) blur the top octave: compare below 6 kHz.
+    from scipy.signal import butter, sosfiltfilt
+    sos = butter(8, 6000, fs=RATE, output="sos")
+    mic, cabled = sosfiltfilt(sos, recording[:, 0]), sosfiltfilt(sos, recording[:, 1])
+    start, stop = _active_span(recording[:, 0])
+    corr, lags, _ = _piecewise_match(mic[start:stop], cabled[start:], mic[start:stop], min_windows=6)
+    print("resampled live path: correlation %.4f, latency %.1f ms" % (corr, 1000.0 * np.median(lags) / RATE))
+    assert corr > 0.95
+
+
+def _run_standin(server, tmp_path, *argv):
+    script = tmp_path / "standin.py"
+    script.write_text(STANDIN)
+    env = dict(server.env)
+    return subprocess.run([sys.executable, str(script), *argv], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_ambiguous_or_missing_microphone_is_a_listed_error(sound_server, fake_mic, cable, tmp_path):
+    proc = _run_standin(sound_server, tmp_path, "--mic", "mic")
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("error: 'mic' matches ") and "input devices" in lines[0], proc.stderr
+    assert any("fake_mic (Fake microphone)" in line for line in lines)
+    assert any("denoised_mic (Denoised microphone)" in line for line in lines)
+    assert "Traceback" not in proc.stderr
+
+    proc = _run_standin(sound_server, tmp_path, "--mic", "no such mic")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[0] == "error: no input device matches 'no such mic'"
+    assert "fake_mic" in proc.stderr
+
+
+def test_missing_cable_says_how_to_create_it(sound_server, fake_mic, tmp_path):
+    proc = _run_standin(sound_server, tmp_path, "--mic", FAKE_MIC)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines()[0] == "error: no output device matches 'denoiser_cable'", proc.stderr
+    assert "start_pipeline.sh" in proc.stderr and "module-null-sink sink_name=denoiser_cable" in proc.stderr
+    assert "fake_mic_sink" in proc.stderr, "the listing shows the outputs there are"
+
+
+def test_refuses_to_listen_to_its_own_output(sound_server, fake_mic, cable, tmp_path):
+    proc = _run_standin(sound_server, tmp_path, "--mic", "denoised_mic")
+    assert proc.returncode == 1
+    assert "this pipeline's own output" in proc.stderr.splitlines()[0]
+
+
+def test_lookup_by_index_and_name_on_real_devices(sound_server, fake_mic, cable, tmp_path):
+    listing = subprocess.run([sys.executable, str(REPO / "list_devices.py")], env=sound_server.env,
+                             capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    index = next(int(line.split()[0].rstrip("<>")) for line in listing.stdout.splitlines()
+                 if line.rstrip().endswith("fake_mic (Fake microphone)"))
+    proc = _run_standin(sound_server, tmp_path, "--list", "--mic", str(index), "--cable", "Denoiser cable")
+    assert proc.returncode == 0, proc.stderr
+    assert "microphone: %d fake_mic (Fake microphone)" % index in proc.stdout
+    assert "cable: " in proc.stdout and "denoiser_cable (Denoiser cable)" in proc.stdout
