@@ -5,7 +5,7 @@ import soundfile as sf
 
 import dsp
 import ml_denoiser_pipeline as P
-from conftest import run_script, speechlike, tone
+from conftest import REPO, run_script, speechlike, tone
 
 
 def transparent_config(model):
@@ -144,3 +144,30 @@ def test_bench_prints_figures(random_model):
     assert r.returncode == 0, r.stderr
     for key in ("median", "p99", "real-time factor", "algorithmic latency: 200 ms"):
         assert key in r.stdout
+
+
+GOLDEN = REPO / "tests" / "golden_metrics.json"
+
+
+def test_shipped_model_keeps_its_published_scores(dev_dir):
+    """Golden-metric regression: the shipped denoiser.onnx, run through the current chain on a few dev pairs,
+    must reproduce the per-file scores recorded by the evaluation run that produced README's table."""
+    import hashlib
+    import json
+    import evaluate as ev
+    golden = json.loads(GOLDEN.read_text())
+    model = REPO / golden["model"]
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == golden["model_sha256"], (
+        "denoiser.onnx is not the model the published figures were measured on: re-run the evaluate.py "
+        "command in README.md (it rewrites tests/golden_metrics.json)")
+    for name, methods in golden["files"].items():
+        noisy, _ = sf.read(dev_dir / "noisy" / f"{name}.wav", dtype="float32")
+        clean, _ = sf.read(dev_dir / "clean" / f"{name}.wav", dtype="float32")
+        for key, want in methods.items():
+            out = P.denoise_array(noisy, str(model), model_only=key == "ml-model")
+            aligned, lag = ev.align(out, clean)
+            assert lag == 0  # file mode is aligned by construction
+            pesq = ev.pesq_wb(clean, aligned)[0]
+            si_snri = ev.si_snr(aligned, clean) - ev.si_snr(noisy, clean)
+            assert abs(pesq - want["pesq"]) < 0.02, (name, key, pesq, want)
+            assert abs(si_snri - want["si_snri"]) < 0.1, (name, key, si_snri, want)
