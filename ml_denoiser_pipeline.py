@@ -35,7 +35,7 @@ STFT_HOP_SAMP = 128        # STFT hop (8 ms); must match the model
 WINDOW_SAMP = 3200         # model input window (200 ms); longer = more context, more latency
 HOP_SAMP = 1600            # new audio per model run (100 ms) = WINDOW_SAMP / 2 for the 50% overlap-add
 SPECTRAL_FLOOR = 0.12      # lowest mask value: 0.08 aggressive .. 0.18 gentle; raise if the voice sounds thin
-EQ = False                 # post-EQ (--eq); the spec had it on, but on dev it cost 7.5 dB SI-SNRi, 0.2 OVRL for +0.06 PESQ
+EQ = False                 # post-EQ (--eq); spec had it on: with gain 3.2 it cost 5.0 dB SI-SNRi, 0.26 OVRL for +0.02 PESQ on dev
 EQ_GAIN_DB = 5.0           # boost between EQ_LOW_HZ and EQ_HIGH_HZ; 0..8 dB, lower if the voice booms
 EQ_LOW_HZ = 100.0          # lower edge of the boost band
 EQ_HIGH_HZ = 1000.0        # upper edge of the boost band

@@ -397,9 +397,10 @@ def _live(server, argv, extra_env=None):
 
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory):
-    """About 10 s of the dev set's noisy speech, as one 16 kHz file."""
+    """About 10 s of the dev set's noisy speech at 0 dB SNR, as one 16 kHz file (noisy enough that the
+    denoised cable is measurably unlike the raw microphone)."""
     import soundfile as sf
-    files = sorted(DEV_NOISY.glob("*.wav"))
+    files = sorted(DEV_NOISY.glob("*_snr0.wav"))
     if not files:
         pytest.skip("dev set not found at %s" % DEV_NOISY)
     parts, total = [], 0
@@ -431,16 +432,14 @@ def _active_span(x, threshold=1e-4):
 
 
 @pytest.mark.parametrize("script", ["ml_denoiser_pipeline.py", "dsp_filter_pipeline.py"])
-def test_live_pipeline_matches_file_mode(script, sound_server, fake_mic, cable, probe, speech_wav, request):
+def test_live_pipeline_matches_file_mode(script, sound_server, fake_mic, cable, probe, speech_wav):
     """10 s of noisy speech through the live pipeline: same audio as file mode, the documented latency, and
     no over/underruns once settled."""
     import importlib
     module = importlib.import_module(script[:-3])
-    extra, kwargs = [], {}
-    if script.startswith("ml_"):
-        model = request.getfixturevalue("random_model")
-        extra, kwargs = ["--model", str(model)], {"model_path": str(model)}
-    live = _live(sound_server, [REPO / script, "--mic", FAKE_MIC, "--quiet", *extra])
+    # The shipped denoiser.onnx: a random-weight model masks almost uniformly, and then the cable would
+    # correlate with the raw microphone as well as with file mode, and prove nothing.
+    live = _live(sound_server, [REPO / script, "--mic", FAKE_MIC, "--quiet"])
     live.wait_for(live_audio.READY_LINE)
     player = sound_server.play(str(speech_wav), FAKE_MIC_SINK)
     assert player.wait(30) == 0, player.stderr.read()
@@ -457,7 +456,7 @@ def test_live_pipeline_matches_file_mode(script, sound_server, fake_mic, cable, 
     assert stats["device_losses"] == 0
 
     mic, cabled = recording[:, 0], recording[:, 1]
-    reference = module.denoise_array(mic, **kwargs)
+    reference = module.denoise_array(mic)
     start, stop = _active_span(mic)
     corr, lags, raw = _piecewise_match(reference[start:stop], cabled[start:], mic[start:stop])
     latency_ms = 1000.0 * float(np.median(lags)) / RATE
