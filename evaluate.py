@@ -154,6 +154,20 @@ def from_48k(y):
     return soxr.resample(y, PEER_RATE_48K, SAMPLE_RATE).astype(np.float32)
 
 
+def run_frames(x, frame, step):
+    """Feed x to a C denoiser frame by frame: step(inp, out) processes one frame into out. Buffers are
+    allocated once; a trailing partial frame is dropped (callers pad with flush_pad first)."""
+    n = len(x) // frame * frame
+    y = np.zeros(n, np.float32)
+    inp = np.zeros(frame, np.float32)
+    out = np.zeros(frame, np.float32)
+    for i in range(0, n, frame):
+        inp[:] = x[i:i + frame]
+        step(inp, out)
+        y[i:i + frame] = out
+    return y
+
+
 def flush_pad(x, rate):
     return np.concatenate([x, np.zeros(int(rate * FLUSH_MS / 1000), np.float32)])
 
@@ -219,16 +233,10 @@ def setup_rnnoise(args) -> Method:
     def process(x):
         # RNNoise works on 16-bit-scaled floats.
         x48 = flush_pad(to_48k(x), PEER_RATE_48K) * 32768.0
-        n = len(x48) // frame * frame
-        y48 = np.zeros(n, np.float32)
-        inp = np.zeros(frame, np.float32)
-        out = np.zeros(frame, np.float32)
         state = lib.rnnoise_create(None)
         try:
-            for i in range(0, n, frame):
-                inp[:] = x48[i:i + frame]
-                lib.rnnoise_process_frame(state, out.ctypes.data_as(fptr), inp.ctypes.data_as(fptr))
-                y48[i:i + frame] = out
+            y48 = run_frames(x48, frame, lambda inp, out: lib.rnnoise_process_frame(
+                state, out.ctypes.data_as(fptr), inp.ctypes.data_as(fptr)))
         finally:
             lib.rnnoise_destroy(state)
         return from_48k(y48 / 32768.0)
@@ -323,15 +331,8 @@ def setup_deepfilternet(args) -> Method:
         state = states.pop() if states else new_state()
         try:
             x48 = flush_pad(to_48k(x), PEER_RATE_48K)
-            hop = lib.df_get_frame_length(state)
-            n = len(x48) // hop * hop
-            y48 = np.zeros(n, np.float32)
-            inp = np.zeros(hop, np.float32)
-            out = np.zeros(hop, np.float32)
-            for i in range(0, n, hop):
-                inp[:] = x48[i:i + hop]
-                lib.df_process_frame(state, inp.ctypes.data_as(fptr), out.ctypes.data_as(fptr))
-                y48[i:i + hop] = out
+            y48 = run_frames(x48, lib.df_get_frame_length(state), lambda inp, out: lib.df_process_frame(
+                state, inp.ctypes.data_as(fptr), out.ctypes.data_as(fptr)))
         finally:
             lib.df_free(state)
         return from_48k(y48)

@@ -43,6 +43,16 @@ context.properties = {
 """ % (GRAPH_RATE_HZ, GRAPH_RATE_HZ, GRAPH_QUANTUM_SAMP)
 
 
+def _stop(proc, sig):
+    """Ask a child to stop with sig; kill it if it has not gone within 5 s."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
 class SoundServerError(RuntimeError):
     pass
 
@@ -146,12 +156,7 @@ class SoundServer:
         self.modules = []
         for name, proc in reversed(self.procs):
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+                _stop(proc, signal.SIGTERM)
         self.procs = []
         if self.dbus_pid:
             try:
@@ -230,12 +235,7 @@ class SoundServer:
 
     @staticmethod
     def stop_recording(proc):
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        _stop(proc, signal.SIGINT)
         data = np.fromfile(proc.raw_path, dtype="<f4")
         return data[: len(data) // proc.channels * proc.channels].reshape(-1, proc.channels)
 
