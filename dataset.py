@@ -70,7 +70,9 @@ def load_corpus(folder, cache_dir=CACHE_DIR, min_rms=0.0):
         bounds = np.cumsum([0] + [len(c) for c in clips])
         flat = np.concatenate(clips) if clips else np.zeros(0, np.float32)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
+        # A per-process temporary name: torchrun's ranks may decode the same corpus at once, and each
+        # atomic rename then leaves one complete, identical cache.
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
         np.savez(tmp, audio=flat, bounds=bounds)
         os.replace(tmp, cache)
     clips = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
