@@ -800,6 +800,14 @@ def write_csv(path, rows, fields):
     os.replace(tmp, path)
 
 
+def save_figure(fig, path, dpi=100):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_bars(out_dir, rows, methods, with_reference):
     import matplotlib
 
@@ -826,11 +834,7 @@ def plot_bars(out_dir, rows, methods, with_reference):
             ax.axhline(SPEC_TARGETS[key], color="tab:red", linestyle="--", label="spec target")
             ax.legend(loc="upper right", fontsize=8)
         ax.set_title(f"{title}: mean and {int(CONFIDENCE * 100)}% interval")
-        fig.tight_layout()
-        path = Path(out_dir) / f"bar_{key}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, Path(out_dir) / f"bar_{key}.png"))
     return written
 
 
@@ -854,11 +858,7 @@ def plot_spectrograms(out_dir, pair, kept):
         ax.set_title(title, fontsize=9, loc="left")
     axes[-1, 0].set_xlabel("s")
     fig.suptitle(pair.name, fontsize=10)
-    fig.tight_layout()
-    path = Path(out_dir) / f"spectrogram_{pair.name}.png"
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(out_dir) / f"spectrogram_{pair.name}.png", dpi=72)
 
 
 def plot_snr(out_dir, csv_rows, methods):
@@ -880,11 +880,7 @@ def plot_snr(out_dir, csv_rows, methods):
         ax.set_xlabel("input SNR (dB)")
         ax.set_ylabel(title)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = Path(out_dir) / f"snr_{key}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, Path(out_dir) / f"snr_{key}.png"))
     return written
 
 
