@@ -91,8 +91,10 @@ class Mixer:
     source of many one-second wake words does not outweigh an hour of audiobooks by file count alone."""
 
     def __init__(self, speech, noise, length, snr_range_db=SNR_RANGE_DB, level_range_dbfs=LEVEL_RANGE_DBFS,
-                 two_noise_prob=TWO_NOISE_PROB):
+                 two_noise_prob=TWO_NOISE_PROB, scored_samp=None):
         self.speech, self.noise, self.length = speech, noise, length
+        # The loss sees only the last scored_samp samples (the rest is context), so that part must not be silent.
+        self.scored_samp = min(scored_samp or length, length)
         self.snr_range_db, self.level_range_dbfs, self.two_noise_prob = snr_range_db, level_range_dbfs, two_noise_prob
         sl = np.array([len(s) for s in speech], np.float64)
         nl = np.array([len(n) for n in noise], np.float64)
@@ -110,7 +112,7 @@ class Mixer:
                 seg = np.zeros(self.length, np.float32)
                 start = rng.integers(0, self.length - len(clip) + 1)
                 seg[start:start + len(clip)] = clip
-            if 20 * np.log10(rms(seg) / self.speech_rms[i]) > SILENT_SEGMENT_DB:
+            if 20 * np.log10(rms(seg[-self.scored_samp:]) / self.speech_rms[i]) > SILENT_SEGMENT_DB:
                 return seg
         return seg
 

@@ -4,10 +4,12 @@
     python export_model.py --checkpoint checkpoints/last.pt --output my.onnx
     python export_model.py --int8                           # also denoiser.int8.onnx, with its cost and gain
 
-The graph takes log|STFT| [1, 1, 257, T] with T free (the pipeline feeds 26 frames) and returns the mask.
+The graph takes log|STFT| [1, 1, 257, T] with T free (the pipeline feeds 26 frames, 51 with 3200 samples
+of context) and returns the mask.
 Before writing, onnxruntime is checked against torch on random and on real input (max abs difference must
 stay below PARITY_TOL), and the file gets metadata the pipeline checks on load: sample rate, n_fft, hop,
-window, base channels, a summary of the training data, and the dev metrics of the checkpoint.
+window, context (past samples the model expects in front of each window), base channels, a summary of
+the training data, and the dev metrics of the checkpoint.
 """
 import argparse
 import json
@@ -67,7 +69,8 @@ def export(net, path, metadata, opset=OPSET):
 def base_metadata(net, ck=None):
     cfg = (ck or {}).get("config", {})
     meta = {"sample_rate": M.SAMPLE_RATE, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
-            "window_samp": cfg.get("window_samp", 3200), "base_ch": net.base_ch, "log_eps": M.LOG_EPS,
+            "window_samp": cfg.get("window_samp", 3200), "context_samp": cfg.get("context_samp", 0),
+            "base_ch": net.base_ch, "log_eps": M.LOG_EPS,
             "parameters": M.count_parameters(net), "producer": "export_model.py"}
     if ck:
         meta["training_data"] = cfg.get("data", "unknown")

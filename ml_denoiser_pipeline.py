@@ -8,15 +8,18 @@
 
 Edit the constants below (or pass the matching flag, e.g. --spectral-floor 0.18) to change how it sounds.
 One hop of audio, top to bottom (MLChain.hop):
-  100 ms of microphone samples x INPUT_GAIN slide into a 200 ms window
-  -> 512-point Hann STFT, 128-sample hop, center=True: 1 + 3200 / 128 = 26 frames of 257 bins
-  -> denoiser.onnx maps log|STFT| [1, 1, 257, 26] to a mask in [0, 1], floored at SPECTRAL_FLOOR
-  -> mask x noisy magnitude, noisy phase, inverse STFT, periodic-Hann weighted, overlap-added with the
-     previous window (50% overlap of a periodic Hann sums to exactly 1: no seams, no ripple)
+  100 ms of microphone samples x INPUT_GAIN slide into a 200 ms window, behind C samples of older audio
+  (C = the model's context_samp metadata: 0 for a spec model, 3200 for the shipped one)
+  -> 512-point Hann STFT, 128-sample hop, center=True: 1 + (C + 3200) / 128 frames of 257 bins
+  -> denoiser.onnx maps log|STFT| [1, 1, 257, T] to a mask in [0, 1], floored at SPECTRAL_FLOOR
+  -> mask x noisy magnitude, noisy phase, inverse STFT; the context's output is dropped (it was finished
+     by earlier hops; the model saw it only to learn the noise), and the 200 ms window is periodic-Hann
+     weighted and overlap-added with the previous one (50% overlap sums to exactly 1: no seams, no ripple)
   -> post-EQ (+5 dB 100 Hz..1 kHz, off by default: see EQ) -> soft gate -> OUTPUT_GAIN -> soft limiter
   -> the cable.
 Algorithmic latency is WINDOW_SAMP (200 ms): a window is only complete when its last sample has arrived,
-and its first half is finished only once the next window has been added. Real-time budget: every hop
+and its first half is finished only once the next window has been added. Context is past audio, so it
+costs compute (a longer STFT and model input), never latency. Real-time budget: every hop
 must be processed in well under HOP_SAMP (100 ms); `--bench` prints how far under it is.
 """
 import sys
@@ -84,7 +87,13 @@ def load_model(path, cfg):
     if shape is None or len(shape) != 4 or (isinstance(shape[2], int) and shape[2] != bins):
         raise dsp.AudioError(f"model {path.name} takes input {shape}, expected [1, 1, {bins}, T] "
                              f"(log-magnitude of a {cfg.n_fft}-point STFT)")
-    return session, meta
+    try:
+        context = int(float(meta.get("context_samp", 0)))
+    except ValueError:
+        context = -1
+    if context < 0:
+        raise dsp.AudioError(f"model {path.name} has a bad context_samp in its metadata: {meta['context_samp']!r}")
+    return session, meta, context
 
 
 class MLChain:
@@ -95,14 +104,14 @@ class MLChain:
         if cfg.hop_samp * 2 != cfg.window_samp:
             raise dsp.AudioError("HOP_SAMP must be WINDOW_SAMP / 2: the Hann overlap-add is only "
                                  "seamless (constant overlap-add) at 50% overlap")
-        self.session, meta = load_model(cfg.model, cfg)
+        self.session, meta, self.context = load_model(cfg.model, cfg)
         self.input_name = self.session.get_inputs()[0].name
         self.log_eps = float(meta.get("log_eps", LOG_EPS_DEFAULT))
         self.cfg, self.model_only = cfg, model_only
         self.floor = 0.0 if model_only else cfg.spectral_floor
-        self.stft = dsp.WindowSTFT(cfg.window_samp, cfg.n_fft, cfg.stft_hop_samp)
+        self.stft = dsp.WindowSTFT(self.context + cfg.window_samp, cfg.n_fft, cfg.stft_hop_samp)
         self.synthesis = np.hanning(cfg.window_samp + 1)[:-1].astype(np.float32)  # periodic Hann
-        self.window = np.zeros(cfg.window_samp, np.float32)
+        self.window = np.zeros(self.context + cfg.window_samp, np.float32)  # [context | window]
         self.ola = np.zeros(cfg.window_samp, np.float32)
         self.eq = dsp.BandBoost(cfg.eq_gain_db, cfg.eq_low_hz, cfg.eq_high_hz) if cfg.eq and not model_only else None
         self.gate = (dsp.Gate(cfg.gate_floor, cfg.gate_ceil, cfg.gate_hold, cfg.gate_release, cfg.gate_depth_db,
@@ -127,7 +136,7 @@ class MLChain:
         logmag = np.log(np.abs(spec) + self.log_eps).astype(np.float32)[None, None]
         mask = self.session.run(None, {self.input_name: logmag})[0][0, 0]
         mask = np.maximum(mask, self.floor)
-        self.ola += self.stft.inverse(spec * mask) * self.synthesis
+        self.ola += self.stft.inverse(spec * mask)[self.context:] * self.synthesis
         out = self.ola[:h].copy()
         self.ola[:-h] = self.ola[h:]
         self.ola[-h:] = 0.0

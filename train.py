@@ -34,6 +34,8 @@ NOISE_DIR = "../shared/data/train/noise"     # noise recordings, searched recurs
 DEV_DIR = "../shared/data/dev"               # paired clean/ and noisy/ for validation ("" to skip)
 OUT_DIR = "checkpoints"                      # last.pt, best.pt and train_log.csv go here
 SEGMENT_SAMP = 3200        # training window; 3200 = the pipeline's window (longer segments lost ~1 dB on it)
+CONTEXT_SAMP = 0           # past audio fed in front of each window, for noise memory; 0 = spec; costs compute, not latency
+INIT_FROM = ""             # start from this checkpoint's weights with a fresh optimizer and schedule (fine-tuning)
 BATCH_SIZE = 64            # windows per step; 64 x 0.2 s = 12.8 s of audio
 EPOCHS = 50                # the cosine schedule spans all of them
 STEPS_PER_EPOCH = 200      # mixing is dynamic, so an "epoch" is a step count; 200 is ~4 min on 2 CPU cores
@@ -60,22 +62,23 @@ def si_snr_loss(est, ref):
     return -si_snr(est, ref).mean()
 
 
-def enhance_windowed(net, noisy, window=SEGMENT_SAMP, batch=256):
+def enhance_windowed(net, noisy, window=SEGMENT_SAMP, context=0, batch=256):
     """Whole-file enhancement the way ml_denoiser_pipeline.py does it: 50%-overlapping windows, each
-    enhanced alone, joined by periodic-Hann overlap-add (constant overlap-add, so no seams). Returns the
-    output aligned with the input (the pipeline's algorithmic delay removed)."""
+    enhanced alone (with `context` samples of the past in front, whose output is dropped), joined by
+    periodic-Hann overlap-add (constant overlap-add, so no seams). Returns the output aligned with the
+    input (the pipeline's algorithmic delay removed)."""
     hop = window // 2
     n = noisy.shape[-1]
     frames = math.ceil(n / hop) + 1
-    padded = torch.zeros(hop + frames * hop + hop, device=noisy.device)
-    padded[hop:hop + n] = noisy
+    padded = torch.zeros(context + hop + frames * hop + hop, device=noisy.device)
+    padded[context + hop:context + hop + n] = noisy
     starts = torch.arange(0, frames + 1) * hop
-    wins = torch.stack([padded[s:s + window] for s in starts.tolist()])
+    wins = torch.stack([padded[s:s + context + window] for s in starts.tolist()])
     outs = []
     for i in range(0, len(wins), batch):
-        outs.append(M.enhance(net, wins[i:i + batch])[0])
+        outs.append(M.enhance(net, wins[i:i + batch])[0][:, context:])
     outs = torch.cat(outs) * torch.hann_window(window, periodic=True, device=noisy.device)
-    out = torch.zeros_like(padded)
+    out = torch.zeros(hop + frames * hop + hop, device=noisy.device)
     for s, o in zip(starts.tolist(), outs):
         out[s:s + window] += o
     return out[hop:hop + n]
@@ -90,15 +93,15 @@ def pesq_wb(ref, deg):
 
 
 @torch.no_grad()
-def validate(net, val, dev, device):
+def validate(net, val, dev, device, context=0):
     net.eval()
     noisy, clean = (torch.from_numpy(a).to(device) for a in val)
     est = torch.cat([M.enhance(net, noisy[i:i + 64])[0] for i in range(0, len(noisy), 64)])
-    row = {"val_si_snr": si_snr(est, clean).mean().item()}
+    row = {"val_si_snr": si_snr(est[:, context:], clean[:, context:]).mean().item()}
     if dev:
         gains, pesqs = [], []
         for _, nz, cl, _ in dev:
-            out = enhance_windowed(net, torch.from_numpy(nz).to(device)).cpu()
+            out = enhance_windowed(net, torch.from_numpy(nz).to(device), context=context).cpu()
             ref = torch.from_numpy(cl)
             gains.append((si_snr(out[None], ref[None]) - si_snr(torch.from_numpy(nz)[None], ref[None])).item())
             pesqs.append(pesq_wb(cl, out.numpy()))
@@ -123,6 +126,8 @@ def build_parser():
     ap.add_argument("--dev", default=DEV_DIR, help="paired dev set (clean/ noisy/); '' to skip")
     ap.add_argument("--out-dir", default=OUT_DIR)
     ap.add_argument("--segment-samp", type=int, default=SEGMENT_SAMP)
+    ap.add_argument("--context-samp", type=int, default=CONTEXT_SAMP)
+    ap.add_argument("--init-from", default=INIT_FROM, help="checkpoint whose weights start a new run (fine-tuning)")
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--steps-per-epoch", type=int, default=STEPS_PER_EPOCH)
@@ -158,7 +163,12 @@ def main(argv=None):
 
     speech = dataset.load_corpus(args.speech)
     noise = dataset.load_corpus(args.noise, min_rms=dataset.SILENT_FILE_RMS)
-    mixer = dataset.Mixer(speech, noise, args.segment_samp)
+    if args.context_samp < 0 or args.segment_samp < 2 * M.STFT_HOP_SAMP:
+        raise SystemExit("error: --context-samp must be >= 0 and --segment-samp at least two STFT hops")
+    if args.init_from and args.resume:
+        raise SystemExit("error: --init-from starts a new run; --resume continues one; pick one")
+    # Each example is context + window long; only the window's output is scored, as the pipeline only keeps it.
+    mixer = dataset.Mixer(speech, noise, args.context_samp + args.segment_samp, scored_samp=args.segment_samp)
     val = dataset.fixed_set(mixer, args.val_examples, seed=args.seed + 999)
     dev = []
     if main_proc and args.dev and args.dev_files > 0:
@@ -176,12 +186,24 @@ def main(argv=None):
     total_steps = args.epochs * args.steps_per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=args.lr_min)
     epoch, step, best = 0, 0, -math.inf
+    if args.init_from:
+        if not Path(args.init_from).exists():
+            raise SystemExit(f"error: --init-from: no checkpoint at {args.init_from}")
+        ck = torch.load(args.init_from, map_location=device, weights_only=False)
+        if ck["config"]["base_ch"] != args.base_ch:
+            raise SystemExit(f"error: {args.init_from} has base_ch {ck['config']['base_ch']}, not {args.base_ch}")
+        net.load_state_dict(ck["model"])
+        if main_proc:
+            print(f"initialised from {args.init_from} (epoch {ck.get('epoch', '?')}); new optimizer and schedule")
     if args.resume:
         if not last_path.exists():
             raise SystemExit(f"error: --resume but no checkpoint at {last_path}")
         ck = torch.load(last_path, map_location=device, weights_only=False)
         if ck["config"]["base_ch"] != args.base_ch:
             raise SystemExit(f"error: {last_path} has base_ch {ck['config']['base_ch']}, not {args.base_ch}")
+        if ck["config"].get("context_samp", 0) != args.context_samp:
+            raise SystemExit(f"error: {last_path} has context_samp {ck['config'].get('context_samp', 0)}, "
+                             f"not {args.context_samp}")
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -209,7 +231,7 @@ def main(argv=None):
     if main_proc and step == 0:  # the untrained baseline, so the log shows what training bought
         base = {"epoch": 0, "step": 0, "train_loss": float("nan"), "lr": args.lr, "audio_s_per_s": float("nan"),
                 "epoch_minutes": 0.0}
-        base.update(validate(net, val, dev, device))
+        base.update(validate(net, val, dev, device, args.context_samp))
         log(base)
 
     from tqdm import tqdm
@@ -229,7 +251,7 @@ def main(argv=None):
                     feats = feats.contiguous(memory_format=torch.channels_last)
                 mask = train_net(feats).squeeze(1).float()
             est = M.istft(spec * mask, noisy.shape[-1])
-            loss = si_snr_loss(est, clean)
+            loss = si_snr_loss(est[:, args.context_samp:], clean[:, args.context_samp:])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
@@ -251,13 +273,13 @@ def main(argv=None):
         row = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
                "audio_s_per_s": len(losses) * args.batch_size * args.segment_samp / M.SAMPLE_RATE / secs,
                "epoch_minutes": secs / 60}
-        row.update(validate(net, val, dev, device))
+        row.update(validate(net, val, dev, device, args.context_samp))
         score = row.get("dev_pesq_wb", row["val_si_snr"])
         is_best = score > best
         best = max(best, score)
         config = {"base_ch": args.base_ch, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
                   "sample_rate": M.SAMPLE_RATE, "window_samp": args.segment_samp, "log_eps": M.LOG_EPS,
-                  "data": data_summary}
+                  "context_samp": args.context_samp, "init_from": args.init_from, "data": data_summary}
         ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
               "epoch": epoch, "step": step, "best": best, "config": config, "metrics": row}
         torch.save(ck, last_path.with_suffix(".tmp"))

@@ -67,3 +67,14 @@ def test_real_dev_set_reads_snr_from_manifest(dev_dir):
     pairs = dataset.load_pairs(dev_dir)
     assert len(pairs) == 40
     assert sorted({p[3] for p in pairs}) == [-5, 0, 5, 10, 15, 20]
+
+
+def test_mixer_scored_part_is_never_silent():
+    """With context, a short word must land in the scored tail: SI-SNR on a silent tail is undefined."""
+    rng = np.random.default_rng(0)
+    word = rng.standard_normal(1000).astype(np.float32)
+    noise = [rng.standard_normal(16000).astype(np.float32)]
+    mixer = dataset.Mixer([word], noise, 6400, scored_samp=3200)
+    for _ in range(40):
+        _, clean = mixer.sample(rng)
+        assert dataset.rms(clean[-3200:]) > 0.1 * dataset.rms(clean)

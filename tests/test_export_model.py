@@ -32,7 +32,7 @@ def test_export_parity_metadata_and_free_time_axis(checkpoint, tmp_path, dev_dir
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["sample_rate"] == "16000" and meta["n_fft"] == "512" and meta["stft_hop_samp"] == "128"
-    assert meta["window_samp"] == "3200" and meta["base_ch"] == "8"
+    assert meta["window_samp"] == "3200" and meta["base_ch"] == "8" and meta["context_samp"] == "0"
     assert "speech" in meta["training_data"] and "val_si_snr" in json.loads(meta["dev_metrics"])
     net, _ = export_model.load_checkpoint(checkpoint)
     for frames in (1, 26, 77):

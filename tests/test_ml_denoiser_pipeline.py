@@ -52,6 +52,40 @@ def test_model_only_matches_torch_windowed_inference(random_model, random_net):
     assert np.abs(got - ref).max() < 1e-4
 
 
+@pytest.fixture(scope="module")
+def context_model(random_net, tmp_path_factory):
+    """random_net exported as a model that wants 1600 samples of past audio in front of each window."""
+    import export_model
+    path = tmp_path_factory.mktemp("models") / "context.onnx"
+    meta = dict(export_model.base_metadata(random_net), context_samp=1600)
+    return export_model.export(random_net, path, meta)
+
+
+def test_context_model_matches_torch_and_keeps_latency(context_model, random_net):
+    """With context the pipeline feeds [past | window] and keeps only the window's output, exactly as
+    train.py trains and validates such a model; the latency does not grow."""
+    torch = pytest.importorskip("torch")
+    import train
+    x = speechlike(1.5, seed=6)
+    with torch.no_grad():
+        ref = train.enhance_windowed(random_net, torch.from_numpy(x), context=1600).numpy()
+        no_context = train.enhance_windowed(random_net, torch.from_numpy(x)).numpy()
+    got = P.denoise_array(x, str(context_model), model_only=True)
+    assert np.abs(got - ref).max() < 1e-4
+    assert np.abs(got - no_context).max() > 1e-3  # the context really reaches the model
+    chain = P.MLChain(P.default_config(model=str(context_model)))
+    assert chain.stft.frames == 1 + (1600 + 3200) // 128 and chain.latency_samples == 3200
+
+
+def test_context_model_streams_like_one_shot(context_model):
+    cfg = P.default_config(model=str(context_model))
+    x = speechlike(1.2, seed=7) + 0.01 * np.random.default_rng(8).standard_normal(19200).astype(np.float32)
+    one_shot = P.MLChain(cfg).process(x)
+    chain = P.MLChain(cfg)
+    streamed = np.concatenate([chain.process(x[i:i + 333]) for i in range(0, len(x), 333)])
+    assert np.abs(streamed - one_shot).max() <= 1e-6
+
+
 def test_file_mode_44k_stereo(tmp_path, random_model):
     rate = 44100
     x = np.stack([speechlike(2.0, rate=rate), speechlike(2.0, rate=rate, seed=1)], axis=1)
@@ -121,6 +155,9 @@ def test_missing_and_mismatched_models(tmp_path, tiny_onnx_factory):
     one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", wrong_bins), "expected [1, 1, 257, T]")
     wrong_rate = tiny_onnx_factory(tmp_path / "rate.onnx", metadata={"sample_rate": 48000})
     one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", wrong_rate), "sample_rate=48000")
+    for bad in ("-3200", "lots"):
+        bad_context = tiny_onnx_factory(tmp_path / "context.onnx", metadata={"context_samp": bad})
+        one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", bad_context), "context_samp")
     assert not (tmp_path / "out.wav").exists()
 
 

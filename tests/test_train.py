@@ -64,6 +64,32 @@ def test_resume_without_checkpoint_is_a_clear_error(tiny_corpus, tmp_path, monke
         train.main(tiny_args(tiny_corpus, tmp_path / "none", "--resume"))
 
 
+def test_fine_tune_with_context(tiny_corpus, tmp_path, monkeypatch):
+    """--init-from starts from a checkpoint's weights with a fresh schedule; --context-samp trains on
+    [past | window] examples scored on the window only, and the checkpoint records both for the export."""
+    monkeypatch.chdir(tmp_path)
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "base", "--epochs", "1", "--steps-per-epoch", "3")) == 0
+    base = torch.load(tmp_path / "base" / "last.pt", weights_only=False)
+    ft = ["--init-from", str(tmp_path / "base" / "last.pt"), "--context-samp", "1600", "--epochs", "1",
+          "--steps-per-epoch", "3"]
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "ft", *ft)) == 0
+    rows = read_log(tmp_path / "ft" / "train_log.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    ck = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)
+    assert ck["config"]["context_samp"] == 1600 and ck["config"]["init_from"].endswith("last.pt")
+    assert ck["step"] == 3  # a new run: the step count restarts
+    # Conv weights: 3 Adam steps at lr 3e-3 move each by at most ~0.01; a fresh init would differ by ~0.1.
+    moved = max((ck["model"][k] - base["model"][k]).abs().max().item()
+                for k in base["model"] if base["model"][k].ndim == 4)
+    assert 0 < moved < 0.03
+    with pytest.raises(SystemExit, match="context_samp 1600, not 0"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "ft", "--resume", "--epochs", "2", "--steps-per-epoch", "3"))
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "x", "--init-from", str(tmp_path / "none.pt")))
+    with pytest.raises(SystemExit, match="pick one"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "ft", *ft, "--resume"))
+
+
 def test_torchrun_two_processes_on_cpu(tiny_corpus, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
