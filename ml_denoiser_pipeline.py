@@ -9,7 +9,7 @@
 Edit the constants below (or pass the matching flag, e.g. --spectral-floor 0.18) to change how it sounds.
 One hop of audio, top to bottom (MLChain.hop):
   100 ms of microphone samples x INPUT_GAIN slide into a 200 ms window, behind C samples of older audio
-  (C = the model's context_samp metadata: 0 for a spec model, 3200 for the shipped one)
+  (C = the context_samp in the model's metadata: 0 for the shipped spec model; see train.py --context-samp)
   -> 512-point Hann STFT, 128-sample hop, center=True: 1 + (C + 3200) / 128 frames of 257 bins
   -> denoiser.onnx maps log|STFT| [1, 1, 257, T] to a mask in [0, 1], floored at SPECTRAL_FLOOR
   -> mask x noisy magnitude, noisy phase, inverse STFT; the context's output is dropped (it was finished

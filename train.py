@@ -2,13 +2,16 @@
 
     python train.py                                   # ../shared/data/train, checkpoints in ./checkpoints
     python train.py --resume                          # carry on from checkpoints/last.pt
+    python train.py --init-from checkpoints/best.pt --context-samp 3200 --out-dir checkpoints/context
+                                                      # fine-tune with 200 ms of past audio before each window
     python train.py --speech DNS/clean --noise DNS/noise   # the layout download_dataset.py writes
     torchrun --nproc_per_node=4 train.py              # several GPUs (DistributedDataParallel)
 
 Then `python export_model.py` turns checkpoints/best.pt into denoiser.onnx.
 
-What the model learns on is exactly what the live pipeline feeds it: one 3200-sample (200 ms) window, a
-512-point Hann STFT with 128-sample hops and center=True (26 frames), log-magnitude in, mask out. The loss
+What the model learns on is exactly what the live pipeline feeds it: one 3200-sample (200 ms) window (after
+CONTEXT_SAMP samples of past audio, whose output is not scored, if set), a 512-point Hann STFT with
+128-sample hops and center=True (26 frames), log-magnitude in, mask out. The loss
 is SI-SNR of the waveform rebuilt from mask x noisy magnitude with the noisy phase, so the model is judged
 on the audio a listener hears, phase errors included, rather than on a magnitude it never outputs.
 Validation each epoch: SI-SNR on a fixed synthetic set, and SI-SNR improvement and PESQ-WB on the paired dev
@@ -34,7 +37,7 @@ NOISE_DIR = "../shared/data/train/noise"     # noise recordings, searched recurs
 DEV_DIR = "../shared/data/dev"               # paired clean/ and noisy/ for validation ("" to skip)
 OUT_DIR = "checkpoints"                      # last.pt, best.pt and train_log.csv go here
 SEGMENT_SAMP = 3200        # training window; 3200 = the pipeline's window (longer segments lost ~1 dB on it)
-CONTEXT_SAMP = 0           # past audio fed in front of each window, for noise memory; 0 = spec; costs compute, not latency
+CONTEXT_SAMP = 0           # past samples before each window (noise memory), 0 = spec; 3200 was no better on dev
 INIT_FROM = ""             # start from this checkpoint's weights with a fresh optimizer and schedule (fine-tuning)
 BATCH_SIZE = 64            # windows per step; 64 x 0.2 s = 12.8 s of audio
 EPOCHS = 50                # the cosine schedule spans all of them
