@@ -189,25 +189,25 @@ def main(argv=None):
     total_steps = args.epochs * args.steps_per_epoch
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=args.lr_min)
     epoch, step, best = 0, 0, -math.inf
-    if args.init_from:
-        if not Path(args.init_from).exists():
-            raise SystemExit(f"error: --init-from: no checkpoint at {args.init_from}")
-        ck = torch.load(args.init_from, map_location=device, weights_only=False)
-        if ck["config"]["base_ch"] != args.base_ch:
-            raise SystemExit(f"error: {args.init_from} has base_ch {ck['config']['base_ch']}, not {args.base_ch}")
+
+    def load_weights(path, what, same_context):
+        """Checkpoint at path into net, refusing one of another width (or context, when resuming)."""
+        if not Path(path).exists():
+            raise SystemExit(f"error: {what} but no checkpoint at {path}")
+        ck = torch.load(path, map_location=device, weights_only=False)
+        checks = [("base_ch", args.base_ch)] + ([("context_samp", args.context_samp)] if same_context else [])
+        for key, want in checks:
+            if ck["config"].get(key, 0) != want:
+                raise SystemExit(f"error: {path} has {key} {ck['config'].get(key, 0)}, not {want}")
         net.load_state_dict(ck["model"])
+        return ck
+
+    if args.init_from:
+        ck = load_weights(args.init_from, "--init-from", same_context=False)
         if main_proc:
             print(f"initialised from {args.init_from} (epoch {ck.get('epoch', '?')}); new optimizer and schedule")
     if args.resume:
-        if not last_path.exists():
-            raise SystemExit(f"error: --resume but no checkpoint at {last_path}")
-        ck = torch.load(last_path, map_location=device, weights_only=False)
-        if ck["config"]["base_ch"] != args.base_ch:
-            raise SystemExit(f"error: {last_path} has base_ch {ck['config']['base_ch']}, not {args.base_ch}")
-        if ck["config"].get("context_samp", 0) != args.context_samp:
-            raise SystemExit(f"error: {last_path} has context_samp {ck['config'].get('context_samp', 0)}, "
-                             f"not {args.context_samp}")
-        net.load_state_dict(ck["model"])
+        ck = load_weights(last_path, "--resume", same_context=True)
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         sched.T_max = total_steps  # --epochs may be raised on resume: the cosine stretches to the new end
