@@ -149,6 +149,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.context_samp < 0 or args.segment_samp < 2 * M.STFT_HOP_SAMP:
+        raise SystemExit("error: --context-samp must be >= 0 and --segment-samp at least two STFT hops")
+    if args.init_from and args.resume:
+        raise SystemExit("error: --init-from starts a new run; --resume continues one; pick one")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device()
@@ -166,10 +170,6 @@ def main(argv=None):
 
     speech = dataset.load_corpus(args.speech)
     noise = dataset.load_corpus(args.noise, min_rms=dataset.SILENT_FILE_RMS)
-    if args.context_samp < 0 or args.segment_samp < 2 * M.STFT_HOP_SAMP:
-        raise SystemExit("error: --context-samp must be >= 0 and --segment-samp at least two STFT hops")
-    if args.init_from and args.resume:
-        raise SystemExit("error: --init-from starts a new run; --resume continues one; pick one")
     # Each example is context + window long; only the window's output is scored, as the pipeline only keeps it.
     mixer = dataset.Mixer(speech, noise, args.context_samp + args.segment_samp, scored_samp=args.segment_samp)
     val = dataset.fixed_set(mixer, args.val_examples, seed=args.seed + 999)
