@@ -24,6 +24,9 @@ import soxr
 
 SAMPLE_RATE = 16000          # Hz; everything is converted to this
 SNR_RANGE_DB = (-5.0, 20.0)  # uniform SNR of each mixture; widen the top end if clean input gets damaged
+SNR_SPAN = "window"          # "window": SNR over the training window (spec); "utterance": over the whole speech file,
+                             # as the dev set and DNS mix, so quiet syllables get the low local SNR they get in a call
+PAUSE_PROB = 0.0             # share of noise-only windows (a pause in speech); raise it if noise leaks through pauses
 LEVEL_RANGE_DBFS = (-45.0, -15.0)  # RMS level of the mixture, so the model sees quiet and loud microphones
 TWO_NOISE_PROB = 0.2         # share of mixtures with two noises at once (a fan plus a voice, say)
 SILENT_SEGMENT_DB = -25.0    # re-draw a speech segment quieter than this relative to its file (SI-SNR is undefined on silence)
@@ -91,8 +94,12 @@ class Mixer:
     source of many one-second wake words does not outweigh an hour of audiobooks by file count alone."""
 
     def __init__(self, speech, noise, length, snr_range_db=SNR_RANGE_DB, level_range_dbfs=LEVEL_RANGE_DBFS,
-                 two_noise_prob=TWO_NOISE_PROB, scored_samp=None):
+                 two_noise_prob=TWO_NOISE_PROB, scored_samp=None, snr_span=SNR_SPAN, pause_prob=PAUSE_PROB):
+        if snr_span not in ("window", "utterance") or not 0.0 <= pause_prob < 1.0:
+            raise SystemExit(f"error: SNR span must be 'window' or 'utterance' (got {snr_span!r}) and the pause "
+                             f"share in [0, 1) (got {pause_prob})")
         self.speech, self.noise, self.length = speech, noise, length
+        self.snr_span, self.pause_prob = snr_span, pause_prob
         # The loss sees only the last scored_samp samples (the rest is context), so that part must not be silent.
         self.scored_samp = min(scored_samp or length, length)
         self.snr_range_db, self.level_range_dbfs, self.two_noise_prob = snr_range_db, level_range_dbfs, two_noise_prob
@@ -113,8 +120,8 @@ class Mixer:
                 start = rng.integers(0, self.length - len(clip) + 1)
                 seg[start:start + len(clip)] = clip
             if 20 * np.log10(rms(seg[-self.scored_samp:]) / self.speech_rms[i]) > SILENT_SEGMENT_DB:
-                return seg
-        return seg
+                break
+        return seg, self.speech_rms[i]
 
     def noise_segment(self, rng):
         clip = self.noise[rng.choice(len(self.noise), p=self.noise_p)]
@@ -124,18 +131,24 @@ class Mixer:
         return np.tile(clip, reps)[start:start + self.length].astype(np.float32)
 
     def sample(self, rng):
-        clean = self.speech_segment(rng)
+        """One (noisy, clean) pair. A pause example (clean all zeros) is mixed as a speech one and then has its
+        speech removed, so its noise sits at the level it would have under speech."""
+        clean, utterance_rms = self.speech_segment(rng)
         noise = self.noise_segment(rng)
         if rng.random() < self.two_noise_prob:
             second = self.noise_segment(rng)
             noise = noise + second * (rms(noise) / rms(second)) * 10 ** (rng.uniform(-10, 0) / 20)
         snr = rng.uniform(*self.snr_range_db)
-        noise = noise * (rms(clean) / rms(noise) / 10 ** (snr / 20))
+        speech_rms = rms(clean) if self.snr_span == "window" else utterance_rms
+        noise = noise * (speech_rms / rms(noise) / 10 ** (snr / 20))
         noisy = clean + noise
         gain = 10 ** (rng.uniform(*self.level_range_dbfs) / 20) / rms(noisy)
         peak = np.max(np.abs(noisy)) * gain
         if peak > 0.99:
             gain *= 0.99 / peak
+        if self.pause_prob and rng.random() < self.pause_prob:
+            clean = np.zeros_like(clean)
+            noisy = noise
         return (noisy * gain).astype(np.float32), (clean * gain).astype(np.float32)
 
     def batch(self, rng, n):

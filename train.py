@@ -44,6 +44,7 @@ EPOCHS = 50                # the cosine schedule spans all of them
 STEPS_PER_EPOCH = 200      # mixing is dynamic, so an "epoch" is a step count; 200 is ~4 min on 2 CPU cores
 LR = 1e-3                  # Adam start; lower to 5e-4 if the loss jumps about
 LR_MIN = 1e-5              # cosine annealing floor
+PAUSE_FLOOR_DB = -30.0     # a pause window's loss is its output/input energy in dB, floored here; lower = quieter pauses
 GRAD_CLIP = 5.0            # max gradient norm; SI-SNR gradients spike on near-silent windows
 VAL_EXAMPLES = 256         # fixed synthetic validation windows
 DEV_FILES = 40             # dev pairs scored each epoch (0 = none); PESQ-WB costs ~0.3 s a file
@@ -63,6 +64,16 @@ def si_snr(est, ref, eps=1e-8):
 
 def si_snr_loss(est, ref):
     return -si_snr(est, ref).mean()
+
+
+def window_loss(est, ref, noisy, pause_floor_db=PAUSE_FLOOR_DB):
+    """-SI-SNR on windows with speech. SI-SNR is undefined without speech, so a pause window (ref all zeros,
+    dataset.PAUSE_PROB) scores how much of its input noise comes out, in dB, down to pause_floor_db: both
+    terms are in dB, so neither kind of window swamps the other's gradient."""
+    has_speech = ref.pow(2).sum(-1) > 0
+    leak = est.pow(2).sum(-1) / (noisy.pow(2).sum(-1) + 1e-8)
+    pause = 10 * torch.log10(leak + 10 ** (pause_floor_db / 10))
+    return torch.where(has_speech, -si_snr(est, ref), pause).mean()
 
 
 def enhance_windowed(net, noisy, window=SEGMENT_SAMP, context=0, batch=256):
@@ -137,6 +148,11 @@ def build_parser():
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--lr-min", type=float, default=LR_MIN)
     ap.add_argument("--grad-clip", type=float, default=GRAD_CLIP)
+    ap.add_argument("--snr-span", choices=["window", "utterance"], default=dataset.SNR_SPAN,
+                    help="what the mixing SNR is measured over (dataset.SNR_SPAN)")
+    ap.add_argument("--pause-prob", type=float, default=dataset.PAUSE_PROB,
+                    help="share of noise-only windows (dataset.PAUSE_PROB)")
+    ap.add_argument("--pause-floor-db", type=float, default=PAUSE_FLOOR_DB)
     ap.add_argument("--val-examples", type=int, default=VAL_EXAMPLES)
     ap.add_argument("--dev-files", type=int, default=DEV_FILES)
     ap.add_argument("--base-ch", type=int, default=BASE_CH)
@@ -153,6 +169,8 @@ def main(argv=None):
         raise SystemExit("error: --context-samp must be >= 0 and --segment-samp at least two STFT hops")
     if args.init_from and args.resume:
         raise SystemExit("error: --init-from starts a new run; --resume continues one; pick one")
+    if not 0.0 <= args.pause_prob < 1.0:
+        raise SystemExit(f"error: --pause-prob must be in [0, 1), not {args.pause_prob}")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device()
@@ -171,15 +189,20 @@ def main(argv=None):
     speech = dataset.load_corpus(args.speech)
     noise = dataset.load_corpus(args.noise, min_rms=dataset.SILENT_FILE_RMS)
     # Each example is context + window long; only the window's output is scored, as the pipeline only keeps it.
-    mixer = dataset.Mixer(speech, noise, args.context_samp + args.segment_samp, scored_samp=args.segment_samp)
-    val = dataset.fixed_set(mixer, args.val_examples, seed=args.seed + 999)
+    mixer = dataset.Mixer(speech, noise, args.context_samp + args.segment_samp, scored_samp=args.segment_samp,
+                          snr_span=args.snr_span, pause_prob=args.pause_prob)
+    # Validation SI-SNR needs speech in every window, so its set has no pause windows.
+    val_mixer = dataset.Mixer(speech, noise, args.context_samp + args.segment_samp, scored_samp=args.segment_samp,
+                              snr_span=args.snr_span, pause_prob=0.0)
+    val = dataset.fixed_set(val_mixer, args.val_examples, seed=args.seed + 999)
     dev = []
     if main_proc and args.dev and args.dev_files > 0:
         dev = dataset.load_pairs(args.dev)[: args.dev_files]
     hours = lambda clips: sum(len(c) for c in clips) / M.SAMPLE_RATE / 3600
     data_summary = (f"speech {len(speech)} files {hours(speech):.2f} h from {args.speech}; "
                     f"noise {len(noise)} files {hours(noise):.2f} h from {args.noise}; "
-                    f"SNR {dataset.SNR_RANGE_DB[0]:g}..{dataset.SNR_RANGE_DB[1]:g} dB")
+                    f"SNR {dataset.SNR_RANGE_DB[0]:g}..{dataset.SNR_RANGE_DB[1]:g} dB over the {args.snr_span}; "
+                    f"pause windows {args.pause_prob:g}")
 
     torch.manual_seed(args.seed)
     net = M.UNet(args.base_ch).to(device)
@@ -254,7 +277,8 @@ def main(argv=None):
                     feats = feats.contiguous(memory_format=torch.channels_last)
                 mask = train_net(feats).squeeze(1).float()
             est = M.istft(spec * mask, noisy.shape[-1])
-            loss = si_snr_loss(est[:, args.context_samp:], clean[:, args.context_samp:])
+            c = args.context_samp
+            loss = window_loss(est[:, c:], clean[:, c:], noisy[:, c:], args.pause_floor_db)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
@@ -282,7 +306,8 @@ def main(argv=None):
         best = max(best, score)
         config = {"base_ch": args.base_ch, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
                   "sample_rate": M.SAMPLE_RATE, "window_samp": args.segment_samp, "log_eps": M.LOG_EPS,
-                  "context_samp": args.context_samp, "init_from": args.init_from, "data": data_summary}
+                  "context_samp": args.context_samp, "init_from": args.init_from, "snr_span": args.snr_span,
+                  "pause_prob": args.pause_prob, "pause_floor_db": args.pause_floor_db, "data": data_summary}
         ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
               "epoch": epoch, "step": step, "best": best, "config": config, "metrics": row}
         torch.save(ck, last_path.with_suffix(".tmp"))

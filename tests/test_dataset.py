@@ -78,3 +78,47 @@ def test_mixer_scored_part_is_never_silent():
     for _ in range(40):
         _, clean = mixer.sample(rng)
         assert dataset.rms(clean[-3200:]) > 0.1 * dataset.rms(clean)
+
+
+def test_utterance_snr_is_measured_over_the_whole_file():
+    """--snr-span utterance: the SNR is the speech file's RMS against the noise's, as the dev set is mixed, so a
+    window of the file's quiet half gets a lower local SNR than the requested one, and its loud half a higher."""
+    rng = np.random.default_rng(0)
+    loud = rng.standard_normal(3200).astype(np.float32)
+    utterance = np.concatenate([loud, 0.1 * loud])  # file RMS is 3 dB below the loud half's
+    noise = [rng.standard_normal(32000).astype(np.float32)]
+    file_rms = dataset.rms(utterance)
+    slices = np.lib.stride_tricks.sliding_window_view(utterance, 3200)
+    local = []
+    for span in ("window", "utterance"):
+        mixer = dataset.Mixer([utterance], noise, 3200, snr_range_db=(5, 5), two_noise_prob=0.0, snr_span=span)
+        for _ in range(20):
+            noisy, clean = mixer.sample(rng)
+            local_snr = 20 * np.log10(dataset.rms(clean) / dataset.rms(noisy - clean))
+            if span == "window":
+                assert abs(local_snr - 5) < 0.1
+                continue
+            # Which part of the file the window holds: the slice it is proportional to (Cauchy-Schwarz).
+            start = np.argmax(np.abs(slices @ clean) / np.linalg.norm(slices, axis=1))
+            assert abs(local_snr - (5 + 20 * np.log10(dataset.rms(slices[start]) / file_rms))) < 0.1
+            local.append(local_snr)
+    assert min(local) < 0 and max(local) > 7  # quiet windows sit well below 5 dB, loud ones above
+
+
+def test_pause_windows_are_noise_at_its_mixed_level(tiny_corpus, tmp_path):
+    speech = dataset.load_corpus(tiny_corpus / "speech", cache_dir=tmp_path)
+    noise = dataset.load_corpus(tiny_corpus / "noise", cache_dir=tmp_path, min_rms=dataset.SILENT_FILE_RMS)
+    mixer = dataset.Mixer(speech, noise, 3200, pause_prob=0.3)
+    noisy, clean = dataset.fixed_set(mixer, 200, seed=3)
+    pause = ~clean.any(axis=1)
+    assert 35 < pause.sum() < 85  # about 30%
+    assert all(dataset.rms(x) > 1e-4 for x in noisy[pause])  # noise, not silence, comes in
+    assert np.abs(noisy).max() <= 0.99 + 1e-6
+    # The spec's stream is untouched: without pauses the same seed gives the same examples as before.
+    a = dataset.fixed_set(dataset.Mixer(speech, noise, 3200), 8, seed=3)
+    b = dataset.fixed_set(dataset.Mixer(speech, noise, 3200, pause_prob=0.0), 8, seed=3)
+    assert np.array_equal(a[0], b[0])
+    with pytest.raises(SystemExit, match="pause share"):
+        dataset.Mixer(speech, noise, 3200, pause_prob=1.0)
+    with pytest.raises(SystemExit, match="SNR span"):
+        dataset.Mixer(speech, noise, 3200, snr_span="file")

@@ -34,6 +34,21 @@ def test_si_snr_is_scale_invariant_and_perfect_for_the_reference():
     assert torch.isclose(train.si_snr_loss(est, ref), -train.si_snr(est, ref).mean())
 
 
+def test_window_loss_scores_pauses_by_the_noise_that_leaks():
+    ref, noise = torch.randn(4, 3200), torch.randn(4, 3200)
+    est = ref + 0.1 * noise
+    assert torch.isclose(train.window_loss(est, ref, ref + noise), train.si_snr_loss(est, ref))
+    ref[1] = 0  # a pause: the loss is the output/input energy in dB, floored (the floor adds to the leak)
+    for leak_db, want in ((0.0, 0.004), (-20.0, -19.586), (-60.0, -29.996)):
+        est = torch.where(ref.any(-1, keepdim=True), ref + 0.1 * noise, noise * 10 ** (leak_db / 20))
+        est.requires_grad_(True)
+        loss = train.window_loss(est, ref, ref + noise, pause_floor_db=-30.0)
+        others = -train.si_snr(est[[0, 2, 3]], ref[[0, 2, 3]])
+        assert abs(4 * loss.item() - others.sum().item() - want) < 0.1
+        loss.backward()
+        assert torch.isfinite(est.grad).all() and est.grad[1].abs().sum() > 0
+
+
 def test_twenty_steps_lower_the_loss(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the decoded-corpus cache goes here
     assert train.main(tiny_args(tiny_corpus, tmp_path / "ck", "--epochs", "2", "--steps-per-epoch", "10")) == 0
@@ -88,6 +103,21 @@ def test_fine_tune_with_context(tiny_corpus, tmp_path, monkeypatch):
         train.main(tiny_args(tiny_corpus, tmp_path / "x", "--init-from", str(tmp_path / "none.pt")))
     with pytest.raises(SystemExit, match="pick one"):
         train.main(tiny_args(tiny_corpus, tmp_path / "ft", *ft, "--resume"))
+
+
+def test_fine_tune_with_utterance_snr_and_pauses(tiny_corpus, tmp_path, monkeypatch):
+    """The mixing options reach the mixer, the loss copes with pause windows (no NaN), and the checkpoint
+    records them for the export's metadata."""
+    monkeypatch.chdir(tmp_path)
+    extra = ["--snr-span", "utterance", "--pause-prob", "0.3", "--epochs", "1", "--steps-per-epoch", "4"]
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "p", *extra)) == 0
+    ck = torch.load(tmp_path / "p" / "last.pt", weights_only=False)
+    assert ck["config"]["snr_span"] == "utterance" and ck["config"]["pause_prob"] == 0.3
+    assert "over the utterance; pause windows 0.3" in ck["config"]["data"]
+    rows = read_log(tmp_path / "p" / "train_log.csv")
+    assert all(torch.isfinite(torch.tensor(float(r[k]))) for r in rows[1:] for k in ("train_loss", "val_si_snr"))
+    with pytest.raises(SystemExit, match="--pause-prob must be in"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "bad", "--pause-prob", "1"))
 
 
 def test_torchrun_two_processes_on_cpu(tiny_corpus, tmp_path):
