@@ -19,6 +19,7 @@ set run through the pipeline's 50%-overlap windowing; the best dev PESQ is kept 
 Runs on CUDA (bf16 autocast), Apple MPS or CPU, picked automatically. Constants below; flags override.
 """
 import argparse
+import copy
 import csv
 import math
 import os
@@ -106,6 +107,14 @@ def pesq_wb(ref, deg):
         return float("nan")
 
 
+def validation_set(mixer, n, seed):
+    """The fixed synthetic validation windows, drawn like the training ones but never pauses: SI-SNR needs
+    speech in every window (on silence it reads a meaningless -80 dB)."""
+    speech_only = copy.copy(mixer)
+    speech_only.pause_prob = 0.0
+    return dataset.fixed_set(speech_only, n, seed)
+
+
 @torch.no_grad()
 def validate(net, val, dev, device, context=0):
     net.eval()
@@ -191,10 +200,7 @@ def main(argv=None):
     # Each example is context + window long; only the window's output is scored, as the pipeline only keeps it.
     mixer = dataset.Mixer(speech, noise, args.context_samp + args.segment_samp, scored_samp=args.segment_samp,
                           snr_span=args.snr_span, pause_prob=args.pause_prob)
-    # Validation SI-SNR needs speech in every window, so its set has no pause windows.
-    val_mixer = dataset.Mixer(speech, noise, args.context_samp + args.segment_samp, scored_samp=args.segment_samp,
-                              snr_span=args.snr_span, pause_prob=0.0)
-    val = dataset.fixed_set(val_mixer, args.val_examples, seed=args.seed + 999)
+    val = validation_set(mixer, args.val_examples, seed=args.seed + 999)
     dev = []
     if main_proc and args.dev and args.dev_files > 0:
         dev = dataset.load_pairs(args.dev)[: args.dev_files]

@@ -4,9 +4,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+import dataset
 import train
 from conftest import REPO
 
@@ -116,6 +118,13 @@ def test_fine_tune_with_utterance_snr_and_pauses(tiny_corpus, tmp_path, monkeypa
     assert "over the utterance; pause windows 0.3" in ck["config"]["data"]
     rows = read_log(tmp_path / "p" / "train_log.csv")
     assert all(torch.isfinite(torch.tensor(float(r[k]))) for r in rows[1:] for k in ("train_loss", "val_si_snr"))
+    # Validation never draws a pause window, and leaves the training mixer's pauses alone.
+    mixer = dataset.Mixer(dataset.load_corpus(tiny_corpus / "speech"), dataset.load_corpus(tiny_corpus / "noise"),
+                          1600, pause_prob=0.5)
+    _, clean = train.validation_set(mixer, 32, seed=0)
+    assert (np.abs(clean).max(axis=1) > 0).all() and mixer.pause_prob == 0.5
+    _, clean = dataset.fixed_set(mixer, 32, seed=0)
+    assert (np.abs(clean).max(axis=1) == 0).any()
     with pytest.raises(SystemExit, match="--pause-prob must be in"):
         train.main(tiny_args(tiny_corpus, tmp_path / "bad", "--pause-prob", "1"))
 
