@@ -75,6 +75,8 @@ def base_metadata(net, ck=None):
     if ck:
         meta["training_data"] = cfg.get("data", "unknown")
         meta["epoch"] = ck.get("epoch", 0)
+        if cfg.get("init_from"):  # a fine-tune's epochs count from the checkpoint it started from
+            meta["init_from"] = cfg["init_from"]
         meta["step"] = ck.get("step", 0)
         meta["dev_metrics"] = {k: round(v, 4) for k, v in ck.get("metrics", {}).items() if isinstance(v, float)}
     return meta

@@ -42,6 +42,13 @@ def test_export_parity_metadata_and_free_time_axis(checkpoint, tmp_path, dev_dir
         assert np.abs(sess.run(None, {"logmag": x.numpy()})[0] - ref).max() < 1e-4
 
 
+def test_metadata_names_the_checkpoint_a_fine_tune_started_from(checkpoint):
+    net, ck = export_model.load_checkpoint(checkpoint)
+    assert "init_from" not in export_model.base_metadata(net, ck)
+    ck["config"]["init_from"] = "checkpoints/best.pt"
+    assert export_model.base_metadata(net, ck)["init_from"] == "checkpoints/best.pt"
+
+
 def test_parity_failure_is_refused(checkpoint, tmp_path):
     net, ck = export_model.load_checkpoint(checkpoint)
     path = export_model.export(net, tmp_path / "m.onnx", export_model.base_metadata(net, ck))
