@@ -77,6 +77,8 @@ def base_metadata(net, ck=None):
         meta["epoch"] = ck.get("epoch", 0)
         if cfg.get("init_from"):  # a fine-tune's epochs count from the checkpoint it started from
             meta["init_from"] = cfg["init_from"]
+        if cfg.get("loss", "si-snr") != "si-snr":  # absent = the spec's SI-SNR (keeps older exports byte-identical)
+            meta["loss"] = cfg["loss"]
         meta["step"] = ck.get("step", 0)
         meta["dev_metrics"] = {k: round(v, 4) for k, v in ck.get("metrics", {}).items() if isinstance(v, float)}
     return meta

@@ -45,6 +45,8 @@ EPOCHS = 50                # the cosine schedule spans all of them
 STEPS_PER_EPOCH = 200      # mixing is dynamic, so an "epoch" is a step count; 200 is ~4 min on 2 CPU cores
 LR = 1e-3                  # Adam start; lower to 5e-4 if the loss jumps about
 LR_MIN = 1e-5              # cosine annealing floor
+LOSS = "si-snr"            # per-window loss: "si-snr" (spec) or "snr", which also scores each window's level, so
+                           # overlapped windows join at consistent gains (whole-file SI-SNR pays for mismatches)
 PAUSE_FLOOR_DB = -30.0     # a pause window's loss is its output/input energy in dB, floored here; lower = quieter pauses
 GRAD_CLIP = 5.0            # max gradient norm; SI-SNR gradients spike on near-silent windows
 VAL_EXAMPLES = 256         # fixed synthetic validation windows
@@ -67,14 +69,20 @@ def si_snr_loss(est, ref):
     return -si_snr(est, ref).mean()
 
 
-def window_loss(est, ref, noisy, pause_floor_db=PAUSE_FLOOR_DB):
-    """-SI-SNR on windows with speech. SI-SNR is undefined without speech, so a pause window (ref all zeros,
+def snr(est, ref, eps=1e-8):
+    """Plain SNR in dB per row of [B, N]: like si_snr, but a wrong level counts as error."""
+    return 10 * torch.log10(ref.pow(2).sum(-1) / ((est - ref).pow(2).sum(-1) + eps) + eps)
+
+
+def window_loss(est, ref, noisy, pause_floor_db=PAUSE_FLOOR_DB, loss=LOSS):
+    """-SI-SNR (or -SNR, LOSS) on windows with speech. SI-SNR is undefined without speech, so a pause window (ref all zeros,
     dataset.PAUSE_PROB) scores how much of its input noise comes out, in dB, down to pause_floor_db: both
     terms are in dB, so neither kind of window swamps the other's gradient."""
     has_speech = ref.pow(2).sum(-1) > 0
     leak = est.pow(2).sum(-1) / (noisy.pow(2).sum(-1) + 1e-8)
     pause = 10 * torch.log10(leak + 10 ** (pause_floor_db / 10))
-    return torch.where(has_speech, -si_snr(est, ref), pause).mean()
+    score = si_snr(est, ref) if loss == "si-snr" else snr(est, ref)
+    return torch.where(has_speech, -score, pause).mean()
 
 
 def enhance_windowed(net, noisy, window=SEGMENT_SAMP, context=0, batch=256):
@@ -161,6 +169,7 @@ def build_parser():
                     help="what the mixing SNR is measured over (dataset.SNR_SPAN)")
     ap.add_argument("--pause-prob", type=float, default=dataset.PAUSE_PROB,
                     help="share of noise-only windows (dataset.PAUSE_PROB)")
+    ap.add_argument("--loss", choices=["si-snr", "snr"], default=LOSS, help="per-window loss (LOSS)")
     ap.add_argument("--pause-floor-db", type=float, default=PAUSE_FLOOR_DB)
     ap.add_argument("--val-examples", type=int, default=VAL_EXAMPLES)
     ap.add_argument("--dev-files", type=int, default=DEV_FILES)
@@ -284,7 +293,7 @@ def main(argv=None):
                 mask = train_net(feats).squeeze(1).float()
             est = M.istft(spec * mask, noisy.shape[-1])
             c = args.context_samp
-            loss = window_loss(est[:, c:], clean[:, c:], noisy[:, c:], args.pause_floor_db)
+            loss = window_loss(est[:, c:], clean[:, c:], noisy[:, c:], args.pause_floor_db, args.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
@@ -313,7 +322,7 @@ def main(argv=None):
         config = {"base_ch": args.base_ch, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
                   "sample_rate": M.SAMPLE_RATE, "window_samp": args.segment_samp, "log_eps": M.LOG_EPS,
                   "context_samp": args.context_samp, "init_from": args.init_from, "snr_span": args.snr_span,
-                  "pause_prob": args.pause_prob, "pause_floor_db": args.pause_floor_db, "data": data_summary}
+                  "pause_prob": args.pause_prob, "pause_floor_db": args.pause_floor_db, "loss": args.loss, "data": data_summary}
         ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
               "epoch": epoch, "step": step, "best": best, "config": config, "metrics": row}
         torch.save(ck, last_path.with_suffix(".tmp"))

@@ -47,6 +47,9 @@ def test_metadata_names_the_checkpoint_a_fine_tune_started_from(checkpoint):
     assert "init_from" not in export_model.base_metadata(net, ck)
     ck["config"]["init_from"] = "checkpoints/best.pt"
     assert export_model.base_metadata(net, ck)["init_from"] == "checkpoints/best.pt"
+    assert "loss" not in export_model.base_metadata(net, ck)  # the spec's SI-SNR loss adds no entry
+    ck["config"]["loss"] = "snr"
+    assert export_model.base_metadata(net, ck)["loss"] == "snr"
 
 
 def test_parity_failure_is_refused(checkpoint, tmp_path):

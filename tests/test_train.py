@@ -51,6 +51,18 @@ def test_window_loss_scores_pauses_by_the_noise_that_leaks():
         assert torch.isfinite(est.grad).all() and est.grad[1].abs().sum() > 0
 
 
+def test_snr_loss_scores_the_level_that_si_snr_ignores():
+    ref, noise = torch.randn(4, 3200), torch.randn(4, 3200)
+    est = ref + 0.1 * noise
+    assert abs(train.snr(est, ref).mean().item() - 20.0) < 0.5
+    si = [train.window_loss(est * g, ref, ref + noise, loss="si-snr").item() for g in (1.0, 0.5)]
+    plain = [train.window_loss(est * g, ref, ref + noise, loss="snr").item() for g in (1.0, 0.5)]
+    assert abs(si[0] - si[1]) < 1e-4 and plain[1] > plain[0] + 10  # half the level: -6 dB SNR at best
+    ref[1] = 0  # pause windows score the same leak under either loss
+    a, b = (train.window_loss(est, ref, ref + noise, loss=k) for k in ("si-snr", "snr"))
+    assert torch.isfinite(a) and torch.isfinite(b)
+
+
 def test_twenty_steps_lower_the_loss(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the decoded-corpus cache goes here
     assert train.main(tiny_args(tiny_corpus, tmp_path / "ck", "--epochs", "2", "--steps-per-epoch", "10")) == 0
@@ -111,10 +123,12 @@ def test_fine_tune_with_utterance_snr_and_pauses(tiny_corpus, tmp_path, monkeypa
     """The mixing options reach the mixer, the loss copes with pause windows (no NaN), and the checkpoint
     records them for the export's metadata."""
     monkeypatch.chdir(tmp_path)
-    extra = ["--snr-span", "utterance", "--pause-prob", "0.3", "--epochs", "1", "--steps-per-epoch", "4"]
+    extra = ["--snr-span", "utterance", "--pause-prob", "0.3", "--loss", "snr", "--epochs", "1",
+             "--steps-per-epoch", "4"]
     assert train.main(tiny_args(tiny_corpus, tmp_path / "p", *extra)) == 0
     ck = torch.load(tmp_path / "p" / "last.pt", weights_only=False)
     assert ck["config"]["snr_span"] == "utterance" and ck["config"]["pause_prob"] == 0.3
+    assert ck["config"]["loss"] == "snr"
     assert "over the utterance; pause windows 0.3" in ck["config"]["data"]
     rows = read_log(tmp_path / "p" / "train_log.csv")
     assert all(torch.isfinite(torch.tensor(float(r[k]))) for r in rows[1:] for k in ("train_loss", "val_si_snr"))
