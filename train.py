@@ -48,6 +48,7 @@ LR_MIN = 1e-5              # cosine annealing floor
 LOSS = "si-snr"            # per-window loss: "si-snr" (spec) or "snr", which also scores each window's level, so
                            # overlapped windows join at consistent gains (whole-file SI-SNR pays for mismatches)
 PAUSE_FLOOR_DB = -30.0     # a pause window's loss is its output/input energy in dB, floored here; lower = quieter pauses
+EMA_DECAY = 0.0            # validate and keep a running average of the weights (0 = off, spec); 0.999 ~ last 1000 steps
 GRAD_CLIP = 5.0            # max gradient norm; SI-SNR gradients spike on near-silent windows
 VAL_EXAMPLES = 256         # fixed synthetic validation windows
 DEV_FILES = 40             # dev pairs scored each epoch (0 = none); PESQ-WB costs ~0.3 s a file
@@ -164,6 +165,7 @@ def build_parser():
     ap.add_argument("--steps-per-epoch", type=int, default=STEPS_PER_EPOCH)
     ap.add_argument("--lr", type=float, default=LR)
     ap.add_argument("--lr-min", type=float, default=LR_MIN)
+    ap.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="weight averaging (EMA_DECAY), 0 = off")
     ap.add_argument("--grad-clip", type=float, default=GRAD_CLIP)
     ap.add_argument("--snr-span", choices=["window", "utterance"], default=dataset.SNR_SPAN,
                     help="what the mixing SNR is measured over (dataset.SNR_SPAN)")
@@ -187,6 +189,8 @@ def main(argv=None):
         raise SystemExit("error: --context-samp must be >= 0 and --segment-samp at least two STFT hops")
     if args.init_from and args.resume:
         raise SystemExit("error: --init-from starts a new run; --resume continues one; pick one")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise SystemExit(f"error: --ema-decay must be in [0, 1), not {args.ema_decay}")
     if not 0.0 <= args.pause_prob < 1.0:
         raise SystemExit(f"error: --pause-prob must be in [0, 1), not {args.pause_prob}")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -252,6 +256,15 @@ def main(argv=None):
         epoch, step, best = ck["epoch"], ck["step"], ck["best"]
         if main_proc:
             print(f"resumed from {last_path}: epoch {epoch}, step {step}, best score {best:.3f}")
+    # The weights' running average sits in a flatter spot than the last step's weights; with it on, it is what
+    # validation scores and best.pt keeps, while training carries on with the raw weights.
+    ema = None
+    if args.ema_decay:
+        ema = copy.deepcopy(net)
+        if args.resume and "ema" in ck:
+            ema.load_state_dict(ck["ema"])
+        ema.requires_grad_(False)
+    scored = ema or net
     train_net = net
     if distributed:
         ids = [device.index] if device.type == "cuda" else None
@@ -272,7 +285,7 @@ def main(argv=None):
     if main_proc and step == 0:  # the untrained baseline, so the log shows what training bought
         base = {"epoch": 0, "step": 0, "train_loss": float("nan"), "lr": args.lr, "audio_s_per_s": float("nan"),
                 "epoch_minutes": 0.0}
-        base.update(validate(net, val, dev, device, args.context_samp))
+        base.update(validate(scored, val, dev, device, args.context_samp))
         log(base)
 
     from tqdm import tqdm
@@ -299,6 +312,13 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
             opt.step()
             sched.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(ema.state_dict().values(), net.state_dict().values()):
+                        if e.is_floating_point():  # BatchNorm's running stats are averaged too; its step count is not
+                            e.lerp_(p, 1.0 - args.ema_decay)
+                        else:
+                            e.copy_(p)
             step += 1
             steps_this_run += 1
             losses.append(loss.item())
@@ -315,20 +335,23 @@ def main(argv=None):
         row = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
                "audio_s_per_s": len(losses) * args.batch_size * args.segment_samp / M.SAMPLE_RATE / secs,
                "epoch_minutes": secs / 60}
-        row.update(validate(net, val, dev, device, args.context_samp))
+        row.update(validate(scored, val, dev, device, args.context_samp))
         score = row.get("dev_pesq_wb", row["val_si_snr"])
         is_best = score > best
         best = max(best, score)
         config = {"base_ch": args.base_ch, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
                   "sample_rate": M.SAMPLE_RATE, "window_samp": args.segment_samp, "log_eps": M.LOG_EPS,
                   "context_samp": args.context_samp, "init_from": args.init_from, "snr_span": args.snr_span,
-                  "pause_prob": args.pause_prob, "pause_floor_db": args.pause_floor_db, "loss": args.loss, "data": data_summary}
+                  "pause_prob": args.pause_prob, "pause_floor_db": args.pause_floor_db, "loss": args.loss,
+                  "ema_decay": args.ema_decay, "data": data_summary}
         ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
               "epoch": epoch, "step": step, "best": best, "config": config, "metrics": row}
+        if ema is not None:
+            ck["ema"] = ema.state_dict()
         torch.save(ck, last_path.with_suffix(".tmp"))
         os.replace(last_path.with_suffix(".tmp"), last_path)  # a kill mid-save never corrupts last.pt
         if is_best:
-            torch.save({"model": net.state_dict(), "config": config, "metrics": row, "epoch": epoch, "step": step},
+            torch.save({"model": scored.state_dict(), "config": config, "metrics": row, "epoch": epoch, "step": step},
                        best_path.with_suffix(".tmp"))
             os.replace(best_path.with_suffix(".tmp"), best_path)
         log(row, is_best)

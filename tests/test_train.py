@@ -76,7 +76,7 @@ def test_twenty_steps_lower_the_loss(tiny_corpus, tmp_path, monkeypatch):
 
 def test_resume_continues_exactly(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    common = ["--epochs", "2", "--steps-per-epoch", "4", "--dev-files", "0"]
+    common = ["--epochs", "2", "--steps-per-epoch", "4", "--dev-files", "0", "--ema-decay", "0.7"]
     assert train.main(tiny_args(tiny_corpus, tmp_path / "straight", *common)) == 0
     assert train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, "--max-steps", "4")) == 0  # "killed"
     assert train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, "--resume")) == 0
@@ -85,6 +85,7 @@ def test_resume_continues_exactly(tiny_corpus, tmp_path, monkeypatch):
     assert b["epoch"] == 2 and b["step"] == 8
     for k in a["model"]:
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-5), k
+        assert torch.allclose(a["ema"][k].float(), b["ema"][k].float(), atol=1e-5), k  # the average resumes too
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_corpus, tmp_path, monkeypatch):
@@ -141,6 +142,21 @@ def test_fine_tune_with_utterance_snr_and_pauses(tiny_corpus, tmp_path, monkeypa
     assert (np.abs(clean).max(axis=1) == 0).any()
     with pytest.raises(SystemExit, match="--pause-prob must be in"):
         train.main(tiny_args(tiny_corpus, tmp_path / "bad", "--pause-prob", "1"))
+
+
+def test_weight_averaging_is_what_best_keeps(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = tiny_args(tiny_corpus, tmp_path / "e", "--ema-decay", "0.5", "--epochs", "1", "--steps-per-epoch", "3")
+    assert train.main(args) == 0
+    last = torch.load(tmp_path / "e" / "last.pt", weights_only=False)
+    best = torch.load(tmp_path / "e" / "best.pt", weights_only=False)
+    assert last["config"]["ema_decay"] == 0.5
+    for k, v in best["model"].items():  # best.pt holds the average, last.pt both the raw weights and the average
+        assert torch.equal(v, last["ema"][k])
+    conv = "e1.0.weight"
+    assert not torch.equal(last["model"][conv], last["ema"][conv])
+    with pytest.raises(SystemExit, match="--ema-decay must be in"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "bad", "--ema-decay", "1"))
 
 
 def test_torchrun_two_processes_on_cpu(tiny_corpus, tmp_path):
