@@ -39,7 +39,7 @@ WINDOW_SAMP = 3200         # model input window (200 ms); longer = more context,
 HOP_SAMP = 1600            # new audio per model run (100 ms) = WINDOW_SAMP / 2 for the 50% overlap-add
 SPECTRAL_FLOOR = 0.03      # lowest mask value: 0 = the model's own .. 0.18 gentle; raise if the voice sounds thin
                            # (spec 0.12 cost the shipped model 0.03 PESQ-WB, 0.07 OVRL, 0.1 dB SI-SNRi on dev)
-EQ = False                 # post-EQ (--eq); spec had it on: with gain 3.2 it cost 5.7 dB SI-SNRi, 0.24 OVRL for +0.00 PESQ on dev
+EQ = False                 # post-EQ (--eq); spec had it on: it cost 8.5 dB SI-SNRi, 0.09 OVRL for +0.05 PESQ on dev
 EQ_GAIN_DB = 5.0           # boost between EQ_LOW_HZ and EQ_HIGH_HZ; 0..8 dB, lower if the voice booms
 EQ_LOW_HZ = 100.0          # lower edge of the boost band
 EQ_HIGH_HZ = 1000.0        # upper edge of the boost band
@@ -51,7 +51,7 @@ GATE_RELEASE = 3           # hops to fade from open to closed after the hold; 1 
 GATE_DEPTH_DB = 60.0       # attenuation of a fully closed gate; 30 subtle .. 80 near-silent
 GATE_ATTACK_SAMP = 80      # opening ramp (5 ms): fast enough for plosives, slow enough not to click
 INPUT_GAIN = 0.75          # applied before the model; leaves headroom for hot microphones
-OUTPUT_GAIN = 1.3333       # after the gate; x INPUT_GAIN = unity (spec 3.2 pushed speech into the limiter: -0.7 dB SI-SNRi)
+OUTPUT_GAIN = 1.3333       # after the gate; x INPUT_GAIN = unity (spec 3.2 pushed speech into the limiter: -0.6 dB SI-SNRi)
 LIMIT_KNEE = 0.9           # soft limiter starts rounding peaks here (full scale = 1.0)
 STARTUP_BUFFER_MS = 300    # live mode: audio at start during which over/underruns are expected and not counted
 ORT_THREADS = 1            # onnxruntime threads; 1 leaves the other cores to the call app

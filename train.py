@@ -77,8 +77,8 @@ def snr(est, ref, eps=1e-8):
 
 def window_loss(est, ref, noisy, pause_floor_db=PAUSE_FLOOR_DB, loss=LOSS):
     """-SI-SNR (or -SNR, LOSS) on windows with speech. SI-SNR is undefined without speech, so a pause window
-    (ref all zeros, dataset.PAUSE_PROB) scores how much of its input noise comes out, in dB, down to pause_floor_db: both
-    terms are in dB, so neither kind of window swamps the other's gradient."""
+    (ref all zeros, dataset.PAUSE_PROB) scores how much of its input noise comes out, in dB, down to
+    pause_floor_db: both terms are in dB, so neither kind of window swamps the other's gradient."""
     has_speech = ref.pow(2).sum(-1) > 0
     leak = est.pow(2).sum(-1) / (noisy.pow(2).sum(-1) + 1e-8)
     pause = 10 * torch.log10(leak + 10 ** (pause_floor_db / 10))
