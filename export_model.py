@@ -5,7 +5,8 @@
     python export_model.py --int8                           # also denoiser.int8.onnx, with its cost and gain
 
 The graph takes log|STFT| [1, 1, 257, T] with T free (the pipeline feeds 26 frames, 51 with 3200 samples
-of context) and returns the mask.
+of context) and returns the mask; a model trained with --floor-hops takes a second channel, the noise floor
+(model.noise_floor), and says so in its metadata (floor_hops, silent_log) for the pipeline to build it.
 Before writing, onnxruntime is checked against torch on random and on real input (max abs difference must
 stay below PARITY_TOL), and the file gets metadata the pipeline checks on load: sample rate, n_fft, hop,
 window, context (past samples the model expects in front of each window), base channels, a summary of
@@ -39,7 +40,7 @@ def load_checkpoint(path):
         raise SystemExit(f"error: checkpoint not found: {path} (train one with `python train.py`)")
     ck = torch.load(path, map_location="cpu", weights_only=False)
     cfg = ck.get("config", {})
-    net = M.UNet(cfg.get("base_ch", M.BASE_CH))
+    net = M.UNet(cfg.get("base_ch", M.BASE_CH), in_ch=ck["model"]["e1.0.weight"].shape[1])
     net.load_state_dict(ck["model"])
     return net.eval(), ck
 
@@ -48,7 +49,7 @@ def export(net, path, metadata, opset=OPSET):
     """Write net to ONNX with a free time axis and string metadata, atomically."""
     import onnx
     path = Path(path)
-    dummy = torch.randn(1, 1, M.N_FFT // 2 + 1, 26)
+    dummy = torch.randn(1, net.in_ch, M.N_FFT // 2 + 1, 26)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent if path.parent.exists() else None)
     os.close(fd)
     with warnings.catch_warnings():
@@ -81,6 +82,9 @@ def base_metadata(net, ck=None):
             meta["loss"] = cfg["loss"]
         meta["step"] = ck.get("step", 0)
         meta["dev_metrics"] = {k: round(v, 4) for k, v in ck.get("metrics", {}).items() if isinstance(v, float)}
+    if net.in_ch > 1:  # absent = no floor input (keeps older exports byte-identical)
+        meta["floor_hops"] = cfg.get("floor_hops", 0)
+        meta["silent_log"] = M.SILENT_LOG
     return meta
 
 
@@ -95,13 +99,21 @@ def real_logmag(dev_dir, frames=26):
     return M.log_magnitude(M.stft(x[None]))
 
 
+def with_floor(logmag, in_ch):
+    """A floor-input model's second channel for the parity check: a plausible floor (each bin's minimum)."""
+    if in_ch == 1:
+        return logmag
+    return torch.cat([logmag, logmag.amin(-1, keepdim=True).expand_as(logmag)], 1)
+
+
 def check_parity(net, path, dev_dir=DEV_DIR, tol=PARITY_TOL):
     import onnxruntime as ort
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inputs = [("random T=26", torch.randn(1, 1, 257, 26) * 3 - 5), ("random T=7", torch.randn(1, 1, 257, 7))]
+    c = net.in_ch
+    inputs = [("random T=26", torch.randn(1, c, 257, 26) * 3 - 5), ("random T=7", torch.randn(1, c, 257, 7))]
     real = real_logmag(dev_dir)
     if real is not None:
-        inputs.append(("real dev audio", real))
+        inputs.append(("real dev audio", with_floor(real, c)))
     worst = 0.0
     for name, x in inputs:
         with torch.no_grad():

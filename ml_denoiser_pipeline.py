@@ -11,7 +11,9 @@ One hop of audio, top to bottom (MLChain.hop):
   100 ms of microphone samples x INPUT_GAIN slide into a 200 ms window, behind C samples of older audio
   (C = the context_samp in the model's metadata: 0 for the shipped spec model; see train.py --context-samp)
   -> 512-point Hann STFT, 128-sample hop, center=True: 1 + (C + 3200) / 128 frames of 257 bins
-  -> denoiser.onnx maps log|STFT| [1, 1, 257, T] to a mask in [0, 1], floored at SPECTRAL_FLOOR
+  -> denoiser.onnx maps log|STFT| [1, 1, 257, T] to a mask in [0, 1], floored at SPECTRAL_FLOOR (a model
+     trained with train.py --floor-hops K also takes, as a second channel, the noise floor: per bin, the
+     minimum over the last K hops of each hop's mean log|STFT|, the same computation as model.noise_floor)
   -> mask x noisy magnitude, noisy phase, inverse STFT; the context's output is dropped (it was finished
      by earlier hops; the model saw it only to learn the noise), and the 200 ms window is periodic-Hann
      weighted and overlap-added with the previous one (50% overlap sums to exactly 1: no seams, no ripple)
@@ -62,6 +64,17 @@ NOT_FLAGS = {"NOT_FLAGS", "LOG_EPS_DEFAULT"}
 LOG_EPS_DEFAULT = 1e-6     # log(|X| + eps) as model.py trains; the model's metadata overrides it
 
 
+def meta_int(meta, key, path, low=0):
+    """An integer metadata field (absent = 0), refused with a clear error when malformed or below low."""
+    try:
+        value = int(float(meta.get(key, 0)))
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise dsp.AudioError(f"model {Path(path).name} has a bad {key} in its metadata: {meta[key]!r}")
+    return value
+
+
 def load_model(path, cfg):
     """An onnxruntime session for the mask model, refusing one that was built for another STFT."""
     import onnxruntime as ort
@@ -82,19 +95,18 @@ def load_model(path, cfg):
         if key in meta and int(float(meta[key])) != want:
             raise dsp.AudioError(f"model {path.name} was trained with {key}={meta[key]} but the pipeline "
                                  f"uses {want}; pass the matching flag or use a matching model")
+    context, floor_hops = meta_int(meta, "context_samp", path), meta_int(meta, "floor_hops", path)
+    if context and floor_hops:
+        raise dsp.AudioError(f"model {path.name} asks for both context_samp and floor_hops; it takes one or the other")
     inputs = session.get_inputs()
     shape = inputs[0].shape if len(inputs) == 1 else None
-    bins = cfg.n_fft // 2 + 1
-    if shape is None or len(shape) != 4 or (isinstance(shape[2], int) and shape[2] != bins):
-        raise dsp.AudioError(f"model {path.name} takes input {shape}, expected [1, 1, {bins}, T] "
-                             f"(log-magnitude of a {cfg.n_fft}-point STFT)")
-    try:
-        context = int(float(meta.get("context_samp", 0)))
-    except ValueError:
-        context = -1
-    if context < 0:
-        raise dsp.AudioError(f"model {path.name} has a bad context_samp in its metadata: {meta['context_samp']!r}")
-    return session, meta, context
+    bins, channels = cfg.n_fft // 2 + 1, 2 if floor_hops else 1
+    if (shape is None or len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != channels)
+            or (isinstance(shape[2], int) and shape[2] != bins)):
+        raise dsp.AudioError(f"model {path.name} takes input {shape}, expected [1, {channels}, {bins}, T] "
+                             f"(log-magnitude of a {cfg.n_fft}-point STFT"
+                             f"{', and the noise floor' if floor_hops else ''}; metadata floor_hops={floor_hops})")
+    return session, meta, context, floor_hops
 
 
 class MLChain:
@@ -105,9 +117,13 @@ class MLChain:
         if cfg.hop_samp * 2 != cfg.window_samp:
             raise dsp.AudioError("HOP_SAMP must be WINDOW_SAMP / 2: the Hann overlap-add is only "
                                  "seamless (constant overlap-add) at 50% overlap")
-        self.session, meta, self.context = load_model(cfg.model, cfg)
+        self.session, meta, self.context, floor_hops = load_model(cfg.model, cfg)
         self.input_name = self.session.get_inputs()[0].name
         self.log_eps = float(meta.get("log_eps", LOG_EPS_DEFAULT))
+        # The floor model's memory: each recent hop's mean log|STFT| per bin, +inf for digital silence (so a
+        # muted mic or the zeros before the first hop never pose as the noise), oldest first.
+        self.silent_log = float(meta.get("silent_log", "-12"))
+        self.hop_stats = np.full((floor_hops, cfg.n_fft // 2 + 1), np.inf, np.float32) if floor_hops else None
         self.cfg, self.model_only = cfg, model_only
         self.floor = 0.0 if model_only else cfg.spectral_floor
         self.stft = dsp.WindowSTFT(self.context + cfg.window_samp, cfg.n_fft, cfg.stft_hop_samp)
@@ -135,6 +151,9 @@ class MLChain:
         self.window[-h:] = new * gain_in
         spec = self.stft.forward(self.window)
         logmag = np.log(np.abs(spec) + self.log_eps).astype(np.float32)[None, None]
+        if self.hop_stats is not None:
+            logmag = np.concatenate([logmag, self.noise_floor(logmag[0, 0])[None, None, :, None]
+                                     .repeat(logmag.shape[-1], -1)], 1)
         mask = self.session.run(None, {self.input_name: logmag})[0][0, 0]
         mask = np.maximum(mask, self.floor)
         self.ola += self.stft.inverse(spec * mask)[self.context:] * self.synthesis
@@ -149,6 +168,16 @@ class MLChain:
             out = dsp.soft_limit(out * self.cfg.output_gain, self.cfg.limit_knee)
         self.hop_ms = (time.perf_counter() - t0) * 1000
         return out
+
+    def noise_floor(self, logmag):
+        """model.noise_floor, streaming: this hop's summary (mean over the frames of the window's newer half)
+        joins the last K, and the floor is their per-bin minimum."""
+        stats = logmag[:, logmag.shape[-1] // 2:].mean(-1)
+        self.hop_stats[:-1] = self.hop_stats[1:]
+        self.hop_stats[-1] = np.inf if stats.mean() < self.silent_log else stats
+        if not np.isfinite(self.hop_stats[:, 0]).any():  # nothing but silence so far: the current hop stands in
+            return stats
+        return self.hop_stats.min(0)
 
     def status(self):
         return {"gate_open": self.gate.openness if self.gate else 1.0, "hop_ms": self.hop_ms,

@@ -4,9 +4,10 @@ Shared by train.py (training), export_model.py (ONNX export) and the tests, the 
 shared by train.py and sample.py. The live pipeline never imports this file: it runs the exported ONNX model.
 
     input   [B, 1, F, T]  log(|STFT| + LOG_EPS) of the noisy signal (F = 257 for a 512-point FFT)
+                          (in_ch=2, train.py --floor-hops: a second channel, the noise floor; see noise_floor)
     output  [B, 1, F, T]  mask; clean magnitude estimate = mask * |noisy STFT|
 
-Encoder  e1 = Conv(1->C), e2 = Conv(C->2C, /2), e3 = Conv(2C->4C, /2), e4 = Conv(4C->8C, /2)
+Encoder  e1 = Conv(in_ch->C), e2 = Conv(C->2C, /2), e3 = Conv(2C->4C, /2), e4 = Conv(4C->8C, /2)
 Bottom   b  = Conv(8C->16C, /2)
 Decoder  UpBlock(16C->8C) + e4, UpBlock(8C->4C) + e3, UpBlock(4C->2C) + e2, UpBlock(2C->C) + e1
 Head     Conv(C->1) + Sigmoid
@@ -22,6 +23,8 @@ N_FFT = 512       # STFT size the model was built for: 257 frequency bins
 STFT_HOP_SAMP = 128  # STFT hop in samples (8 ms at 16 kHz)
 SAMPLE_RATE = 16000  # Hz; the whole chain runs at 16 kHz mono
 LOG_EPS = 1e-6    # added to the magnitude before log; keeps digital silence finite (about -120 dB)
+SILENT_LOG = -12.0  # a hop whose mean log-magnitude is below this is digital silence (zeros read -13.8):
+                    # the noise floor skips it, so start-up zeros and a muted mic do not pose as the floor
 
 
 def conv_block(c_in, c_out, stride=1):
@@ -57,11 +60,11 @@ class UpBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, base_ch=BASE_CH):
+    def __init__(self, base_ch=BASE_CH, in_ch=1):
         super().__init__()
         c = base_ch
-        self.base_ch = base_ch
-        self.e1 = conv_block(1, c)
+        self.base_ch, self.in_ch = base_ch, in_ch
+        self.e1 = conv_block(in_ch, c)
         self.e2 = conv_block(c, 2 * c, stride=2)
         self.e3 = conv_block(2 * c, 4 * c, stride=2)
         self.e4 = conv_block(4 * c, 8 * c, stride=2)
@@ -113,9 +116,50 @@ def log_magnitude(spec):
     return torch.log(spec.abs() + LOG_EPS).unsqueeze(1)
 
 
-def enhance(model, noisy):
+def noise_floor(logmag):
+    """Per-bin noise floor from the windows of the last few hops: [B, K, F, T] log-magnitudes of K windows,
+    oldest first, 50% overlapped -> [B, F]. Each hop is summarised by the mean over the frames of its window's
+    newer half (the audio that hop brought), and the floor is the minimum of those over the K hops: speech
+    comes and goes within 2 s, the noise under it stays, so the minimum tracks the noise (minimum
+    statistics). Hops of digital silence are skipped; with nothing else the current hop stands in."""
+    stats = logmag[..., logmag.shape[-1] // 2:].mean(-1)                        # [B, K, F]
+    silent = stats.mean(-1) < SILENT_LOG                                         # [B, K]
+    floor = stats.masked_fill(silent[..., None], float("inf")).amin(1)
+    return torch.where(silent.all(1, keepdim=True), stats[:, -1], floor)
+
+
+def features(noisy, floor_hops=0, window=None):
+    """What the model sees, exactly as the pipeline builds it: (complex STFT of the part the mask applies to,
+    model input). Without a floor that is the whole of `noisy` and its log-magnitude [B, 1, F, T]. With
+    floor_hops = K, `noisy` is K 50%-overlapped windows ((K - 1) * window / 2 + window samples): the mask
+    applies to the last window, and a second input channel holds the noise floor of all K, repeated over T."""
+    if not floor_hops:
+        spec = stft(noisy)
+        return spec, log_magnitude(spec)
+    wins = noisy.unfold(-1, window, window // 2)                                 # [B, K, window]
+    if wins.shape[1] != floor_hops:
+        raise ValueError(f"{noisy.shape[-1]} samples make {wins.shape[1]} windows, not floor_hops={floor_hops}")
+    b, k = wins.shape[:2]
+    specs = stft(wins.reshape(b * k, window))
+    logmag = log_magnitude(specs).reshape(b, k, *specs.shape[1:])                # [B, K, F, T]
+    spec, current = specs.reshape(b, k, *specs.shape[1:])[:, -1], logmag[:, -1:]
+    return spec, torch.cat([current, noise_floor(logmag)[:, None, :, None].expand_as(current)], 1)
+
+
+def enhance(model, noisy, floor_hops=0, window=None):
     """Waveform in, waveform out: mask x noisy magnitude with the noisy phase (the model predicts no phase;
-    at 8 ms hops the noisy phase is good enough for speech above 0 dB SNR and costs nothing)."""
-    spec = stft(noisy)
-    mask = model(log_magnitude(spec)).squeeze(1)
-    return istft(spec * mask, noisy.shape[-1]), mask
+    at 8 ms hops the noisy phase is good enough for speech above 0 dB SNR and costs nothing). With a noise
+    floor (see features) the output is the last window only."""
+    spec, feats = features(noisy, floor_hops, window)
+    mask = model(feats).squeeze(1)
+    return istft(spec * mask, window if floor_hops else noisy.shape[-1]), mask
+
+
+def widen_input(state, in_ch):
+    """A state dict for a 1-input-channel UNet made to take in_ch channels: the new channels' weights start
+    at zero, so the widened model computes exactly what the original did until fine-tuning finds a use for them."""
+    w = state["e1.0.weight"]
+    if w.shape[1] < in_ch:
+        state = dict(state)
+        state["e1.0.weight"] = torch.cat([w, w.new_zeros(w.shape[0], in_ch - w.shape[1], *w.shape[2:])], 1)
+    return state

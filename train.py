@@ -4,13 +4,16 @@
     python train.py --resume                          # carry on from checkpoints/last.pt
     python train.py --init-from checkpoints/best.pt --context-samp 3200 --out-dir checkpoints/context
                                                       # fine-tune with 200 ms of past audio before each window
+    python train.py --init-from checkpoints/utterance2/best.pt --snr-span utterance --floor-hops 20 \
+        --out-dir checkpoints/floor                   # fine-tune with a 2 s noise-floor input channel
     python train.py --speech DNS/clean --noise DNS/noise   # the layout download_dataset.py writes
     torchrun --nproc_per_node=4 train.py              # several GPUs (DistributedDataParallel)
 
 Then `python export_model.py` turns checkpoints/best.pt into denoiser.onnx.
 
 What the model learns on is exactly what the live pipeline feeds it: one 3200-sample (200 ms) window (after
-CONTEXT_SAMP samples of past audio, whose output is not scored, if set), a 512-point Hann STFT with
+CONTEXT_SAMP samples of past audio, whose output is not scored, or with FLOOR_HOPS the noise floor of the
+last 2 s as a second input channel, if set), a 512-point Hann STFT with
 128-sample hops and center=True (26 frames), log-magnitude in, mask out. The loss
 is SI-SNR of the waveform rebuilt from mask x noisy magnitude with the noisy phase, so the model is judged
 on the audio a listener hears, phase errors included, rather than on a magnitude it never outputs.
@@ -39,6 +42,8 @@ DEV_DIR = "../shared/data/dev"               # paired clean/ and noisy/ for vali
 OUT_DIR = "checkpoints"                      # last.pt, best.pt and train_log.csv go here
 SEGMENT_SAMP = 3200        # training window; 3200 = the pipeline's window (longer segments lost ~1 dB on it)
 CONTEXT_SAMP = 0           # past samples before each window (noise memory), 0 = spec; 3200 was no better on dev
+FLOOR_HOPS = 0             # noise floor over this many 100 ms hops as a second input channel (0 = spec, 20 = 2 s)
+FLOOR_START_PROB = 0.25    # with FLOOR_HOPS, share of examples whose past is cut short, as after start-up
 INIT_FROM = ""             # start from this checkpoint's weights with a fresh optimizer and schedule (fine-tuning)
 BATCH_SIZE = 64            # windows per step; 64 x 0.2 s = 12.8 s of audio
 EPOCHS = 50                # the cosine schedule spans all of them
@@ -86,12 +91,14 @@ def window_loss(est, ref, noisy, pause_floor_db=PAUSE_FLOOR_DB, loss=LOSS):
     return torch.where(has_speech, -score, pause).mean()
 
 
-def enhance_windowed(net, noisy, window=SEGMENT_SAMP, context=0, batch=256):
+def enhance_windowed(net, noisy, window=SEGMENT_SAMP, context=0, batch=256, floor_hops=0):
     """Whole-file enhancement the way ml_denoiser_pipeline.py does it: 50%-overlapping windows, each
-    enhanced alone (with `context` samples of the past in front, whose output is dropped), joined by
-    periodic-Hann overlap-add (constant overlap-add, so no seams). Returns the output aligned with the
-    input (the pipeline's algorithmic delay removed)."""
+    enhanced alone (with `context` samples of the past in front, whose output is dropped, or the noise floor
+    of the last floor_hops hops), joined by periodic-Hann overlap-add (constant overlap-add, so no seams).
+    Returns the output aligned with the input (the pipeline's algorithmic delay removed)."""
     hop = window // 2
+    if floor_hops:
+        context = (floor_hops - 1) * hop  # the zeros in front read as silence, as in the pipeline at start-up
     n = noisy.shape[-1]
     frames = math.ceil(n / hop) + 1
     padded = torch.zeros(context + hop + frames * hop + hop, device=noisy.device)
@@ -100,7 +107,7 @@ def enhance_windowed(net, noisy, window=SEGMENT_SAMP, context=0, batch=256):
     wins = torch.stack([padded[s:s + context + window] for s in starts.tolist()])
     outs = []
     for i in range(0, len(wins), batch):
-        outs.append(M.enhance(net, wins[i:i + batch])[0][:, context:])
+        outs.append(M.enhance(net, wins[i:i + batch], floor_hops, window)[0][:, -window:])
     outs = torch.cat(outs) * torch.hann_window(window, periodic=True, device=noisy.device)
     out = torch.zeros(hop + frames * hop + hop, device=noisy.device)
     for s, o in zip(starts.tolist(), outs):
@@ -125,15 +132,16 @@ def validation_set(mixer, n, seed):
 
 
 @torch.no_grad()
-def validate(net, val, dev, device, context=0):
+def validate(net, val, dev, device, context=0, floor_hops=0, window=SEGMENT_SAMP):
     net.eval()
     noisy, clean = (torch.from_numpy(a).to(device) for a in val)
-    est = torch.cat([M.enhance(net, noisy[i:i + 64])[0] for i in range(0, len(noisy), 64)])
-    row = {"val_si_snr": si_snr(est[:, context:], clean[:, context:]).mean().item()}
+    est = torch.cat([M.enhance(net, noisy[i:i + 64], floor_hops, window)[0][:, -window:]
+                     for i in range(0, len(noisy), 64)])
+    row = {"val_si_snr": si_snr(est, clean[:, -window:]).mean().item()}
     if dev:
         gains, pesqs = [], []
         for _, nz, cl, _ in dev:
-            out = enhance_windowed(net, torch.from_numpy(nz).to(device), context=context).cpu()
+            out = enhance_windowed(net, torch.from_numpy(nz).to(device), window, context, floor_hops=floor_hops).cpu()
             ref = torch.from_numpy(cl)
             gains.append((si_snr(out[None], ref[None]) - si_snr(torch.from_numpy(nz)[None], ref[None])).item())
             pesqs.append(pesq_wb(cl, out.numpy()))
@@ -159,6 +167,8 @@ def build_parser():
     ap.add_argument("--out-dir", default=OUT_DIR)
     ap.add_argument("--segment-samp", type=int, default=SEGMENT_SAMP)
     ap.add_argument("--context-samp", type=int, default=CONTEXT_SAMP)
+    ap.add_argument("--floor-hops", type=int, default=FLOOR_HOPS, help="noise-floor input over K hops (FLOOR_HOPS)")
+    ap.add_argument("--floor-start-prob", type=float, default=FLOOR_START_PROB)
     ap.add_argument("--init-from", default=INIT_FROM, help="checkpoint whose weights start a new run (fine-tuning)")
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--epochs", type=int, default=EPOCHS)
@@ -187,6 +197,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.context_samp < 0 or args.segment_samp < 2 * M.STFT_HOP_SAMP:
         raise SystemExit("error: --context-samp must be >= 0 and --segment-samp at least two STFT hops")
+    if args.floor_hops < 0 or (args.floor_hops and args.context_samp) or not 0 <= args.floor_start_prob <= 1:
+        raise SystemExit("error: --floor-hops must be >= 0, not combined with --context-samp (the floor's hops "
+                         "are the context), and --floor-start-prob in [0, 1]")
+    # Past audio in front of each training window: the context, or the floor's earlier hops.
+    past = (args.floor_hops - 1) * (args.segment_samp // 2) if args.floor_hops else args.context_samp
     if args.init_from and args.resume:
         raise SystemExit("error: --init-from starts a new run; --resume continues one; pick one")
     if not 0.0 <= args.ema_decay < 1.0:
@@ -211,7 +226,7 @@ def main(argv=None):
     speech = dataset.load_corpus(args.speech)
     noise = dataset.load_corpus(args.noise, min_rms=dataset.SILENT_FILE_RMS)
     # Each example is context + window long; only the window's output is scored, as the pipeline only keeps it.
-    mixer = dataset.Mixer(speech, noise, args.context_samp + args.segment_samp, scored_samp=args.segment_samp,
+    mixer = dataset.Mixer(speech, noise, past + args.segment_samp, scored_samp=args.segment_samp,
                           snr_span=args.snr_span, pause_prob=args.pause_prob)
     val = validation_set(mixer, args.val_examples, seed=args.seed + 999)
     dev = []
@@ -224,7 +239,8 @@ def main(argv=None):
                     f"pause windows {args.pause_prob:g}")
 
     torch.manual_seed(args.seed)
-    net = M.UNet(args.base_ch).to(device)
+    in_ch = 2 if args.floor_hops else 1
+    net = M.UNet(args.base_ch, in_ch).to(device)
     if device.type == "cpu":
         net = net.to(memory_format=torch.channels_last)  # 1.5x faster convolutions on x86 CPUs
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
@@ -233,15 +249,19 @@ def main(argv=None):
     epoch, step, best = 0, 0, -math.inf
 
     def load_weights(path, what, same_context):
-        """Checkpoint at path into net, refusing one of another width (or context, when resuming)."""
+        """Checkpoint at path into net, refusing one of another width (or context, when resuming). A model
+        without the noise-floor input starts a floor run with that input's weights at zero."""
         if not Path(path).exists():
             raise SystemExit(f"error: {what} but no checkpoint at {path}")
         ck = torch.load(path, map_location=device, weights_only=False)
-        checks = [("base_ch", args.base_ch)] + ([("context_samp", args.context_samp)] if same_context else [])
+        checks = [("base_ch", args.base_ch)] + ([("context_samp", args.context_samp),
+                                                  ("floor_hops", args.floor_hops)] if same_context else [])
         for key, want in checks:
             if ck["config"].get(key, 0) != want:
                 raise SystemExit(f"error: {path} has {key} {ck['config'].get(key, 0)}, not {want}")
-        net.load_state_dict(ck["model"])
+        if ck["model"]["e1.0.weight"].shape[1] > in_ch:
+            raise SystemExit(f"error: {path} takes a noise-floor input; pass --floor-hops {ck['config']['floor_hops']}")
+        net.load_state_dict(M.widen_input(ck["model"], in_ch))
         return ck
 
     if args.init_from:
@@ -285,7 +305,7 @@ def main(argv=None):
     if main_proc and step == 0:  # the untrained baseline, so the log shows what training bought
         base = {"epoch": 0, "step": 0, "train_loss": float("nan"), "lr": args.lr, "audio_s_per_s": float("nan"),
                 "epoch_minutes": 0.0}
-        base.update(validate(scored, val, dev, device, args.context_samp))
+        base.update(validate(scored, val, dev, device, args.context_samp, args.floor_hops, args.segment_samp))
         log(base)
 
     from tqdm import tqdm
@@ -297,16 +317,19 @@ def main(argv=None):
         bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not main_proc,
                    leave=False, dynamic_ncols=True)
         for _ in bar:
-            noisy, clean = (torch.from_numpy(a).to(device) for a in mixer.batch(rng, args.batch_size))
+            noisy, clean = mixer.batch(rng, args.batch_size)
+            if args.floor_hops:  # zeros before a random start: what the pipeline holds in its first 2 s
+                for i in np.flatnonzero(rng.random(len(noisy)) < args.floor_start_prob):
+                    noisy[i, :rng.integers(1, args.floor_hops) * (args.segment_samp // 2)] = 0.0
+            noisy, clean = torch.from_numpy(noisy).to(device), torch.from_numpy(clean).to(device)
             with autocast:
-                spec = M.stft(noisy)
-                feats = M.log_magnitude(spec)
+                spec, feats = M.features(noisy, args.floor_hops, args.segment_samp)
                 if device.type == "cpu":
                     feats = feats.contiguous(memory_format=torch.channels_last)
                 mask = train_net(feats).squeeze(1).float()
-            est = M.istft(spec * mask, noisy.shape[-1])
-            c = args.context_samp
-            loss = window_loss(est[:, c:], clean[:, c:], noisy[:, c:], args.pause_floor_db, args.loss)
+            est = M.istft(spec * mask, args.segment_samp if args.floor_hops else noisy.shape[-1])
+            w = args.segment_samp
+            loss = window_loss(est[:, -w:], clean[:, -w:], noisy[:, -w:], args.pause_floor_db, args.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
@@ -335,13 +358,14 @@ def main(argv=None):
         row = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
                "audio_s_per_s": len(losses) * args.batch_size * args.segment_samp / M.SAMPLE_RATE / secs,
                "epoch_minutes": secs / 60}
-        row.update(validate(scored, val, dev, device, args.context_samp))
+        row.update(validate(scored, val, dev, device, args.context_samp, args.floor_hops, args.segment_samp))
         score = row.get("dev_pesq_wb", row["val_si_snr"])
         is_best = score > best
         best = max(best, score)
         config = {"base_ch": args.base_ch, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
                   "sample_rate": M.SAMPLE_RATE, "window_samp": args.segment_samp, "log_eps": M.LOG_EPS,
-                  "context_samp": args.context_samp, "init_from": args.init_from, "snr_span": args.snr_span,
+                  "context_samp": args.context_samp, "floor_hops": args.floor_hops,
+                  "init_from": args.init_from, "snr_span": args.snr_span,
                   "pause_prob": args.pause_prob, "pause_floor_db": args.pause_floor_db, "loss": args.loss,
                   "ema_decay": args.ema_decay, "data": data_summary}
         ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),

@@ -73,3 +73,21 @@ def test_int8_export_runs_in_the_pipeline(checkpoint, tmp_path, dev_dir, capsys)
     assert (tmp_path / "m.int8.onnx").exists()
     text = capsys.readouterr().out
     assert "INT8 PESQ-WB change" in text and "hop_ms" in text
+
+
+def test_floor_model_exports_with_its_memory_in_the_metadata(tmp_path, dev_dir, checkpoint):
+    """A --floor-hops checkpoint exports a two-channel input and tells the pipeline K and the silence level;
+    a plain one gets neither entry (older exports stay byte-identical)."""
+    torch.manual_seed(2)
+    net = M.UNet(8, in_ch=2)
+    torch.save({"model": net.state_dict(), "config": {"base_ch": 8, "floor_hops": 20}, "epoch": 1},
+               tmp_path / "floor.pt")
+    out = tmp_path / "floor.onnx"
+    assert export_model.main(["--checkpoint", str(tmp_path / "floor.pt"), "--output", str(out),
+                              "--dev", str(dev_dir)]) == 0
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert meta["floor_hops"] == "20" and float(meta["silent_log"]) == M.SILENT_LOG
+    assert sess.get_inputs()[0].shape[:3] == [1, 2, 257]
+    plain, ck = export_model.load_checkpoint(checkpoint)
+    assert not {"floor_hops", "silent_log"} & set(export_model.base_metadata(plain, ck))

@@ -86,6 +86,47 @@ def test_context_model_streams_like_one_shot(context_model):
     assert np.abs(streamed - one_shot).max() <= 1e-6
 
 
+@pytest.fixture(scope="module")
+def floor_model(tmp_path_factory):
+    """A random U-Net with the noise-floor input (base_ch 8), exported for a 4-hop floor."""
+    torch = pytest.importorskip("torch")
+    import export_model
+    import model
+    torch.manual_seed(1)
+    net = model.UNet(8, in_ch=2).eval()
+    path = tmp_path_factory.mktemp("models") / "floor.onnx"
+    return net, export_model.export(net, path, dict(export_model.base_metadata(net), floor_hops=4))
+
+
+def test_floor_model_matches_torch(floor_model):
+    """The pipeline's streaming floor (numpy) equals model.noise_floor as train.py validates with it, through
+    a stretch of digital silence (skipped by the floor) and a change of noise level (the floor follows)."""
+    torch = pytest.importorskip("torch")
+    import train
+    net, path = floor_model
+    rng = np.random.default_rng(9)
+    x = speechlike(3.0, seed=8) + 0.02 * rng.standard_normal(48000).astype(np.float32)
+    x[8000:16000] = 0.0
+    x[32000:] += 0.1 * rng.standard_normal(16000).astype(np.float32)
+    with torch.no_grad():
+        ref = train.enhance_windowed(net, torch.from_numpy(x), floor_hops=4).numpy()
+        other_floor = train.enhance_windowed(net, torch.from_numpy(x), floor_hops=2).numpy()
+    got = P.denoise_array(x, str(path), model_only=True)
+    assert np.abs(got - ref).max() < 1e-4
+    assert np.abs(got - other_floor).max() > 1e-3  # the floor's memory really reaches the model
+    chain = P.MLChain(P.default_config(model=str(path)))
+    assert chain.stft.frames == 26 and chain.latency_samples == 3200  # memory costs no latency
+
+
+def test_floor_model_streams_like_one_shot(floor_model):
+    cfg = P.default_config(model=str(floor_model[1]))
+    x = speechlike(2.4, seed=7) + 0.01 * np.random.default_rng(8).standard_normal(38400).astype(np.float32)
+    one_shot = P.MLChain(cfg).process(x)
+    chain = P.MLChain(cfg)
+    streamed = np.concatenate([chain.process(x[i:i + 333]) for i in range(0, len(x), 333)])
+    assert np.abs(streamed - one_shot).max() <= 1e-6
+
+
 def test_file_mode_44k_stereo(tmp_path, random_model):
     rate = 44100
     x = np.stack([speechlike(2.0, rate=rate), speechlike(2.0, rate=rate, seed=1)], axis=1)
@@ -158,6 +199,13 @@ def test_missing_and_mismatched_models(tmp_path, tiny_onnx_factory):
     for bad in ("-3200", "lots"):
         bad_context = tiny_onnx_factory(tmp_path / "context.onnx", metadata={"context_samp": bad})
         one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", bad_context), "context_samp")
+    for bad in ("-1", "many"):
+        bad_floor = tiny_onnx_factory(tmp_path / "floor.onnx", metadata={"floor_hops": bad})
+        one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", bad_floor), "bad floor_hops")
+    one_input = tiny_onnx_factory(tmp_path / "floor1.onnx", metadata={"floor_hops": 20})  # no floor channel
+    one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", one_input), "expected [1, 2, 257, T]")
+    both = tiny_onnx_factory(tmp_path / "both.onnx", metadata={"floor_hops": 20, "context_samp": 1600})
+    one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", both), "one or the other")
     assert not (tmp_path / "out.wav").exists()
 
 

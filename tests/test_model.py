@@ -34,3 +34,37 @@ def test_enhance_with_unit_mask_is_identity():
     x = torch.randn(2, 3200)
     out, mask = M.enhance(Ones(), x)
     assert mask.shape == (2, 257, 26) and torch.allclose(out, x, atol=1e-5)
+
+
+def test_noise_floor_is_the_quietest_recent_hop_and_skips_digital_silence():
+    """Per bin, the minimum over the K hops of each hop's mean over its window's newer half; a hop of zeros
+    (start-up, muted mic) is skipped, and with only silence the current hop stands in."""
+    logmag = torch.full((1, 4, 3, 26), -2.0)
+    logmag[0, 1, 0, 13:] = -5.0   # hop 1 is quieter in bin 0, in the newer half
+    logmag[0, 2, 1, :13] = -9.0   # the older half of a window does not count: hop 2 brought other audio
+    assert torch.allclose(M.noise_floor(logmag), torch.tensor([[-5.0, -2.0, -2.0]]))
+    logmag[0, 0] = -13.8          # digital silence: would otherwise be the floor
+    assert torch.allclose(M.noise_floor(logmag), torch.tensor([[-5.0, -2.0, -2.0]]))
+    silent = torch.full((1, 3, 3, 26), -13.8)
+    assert torch.allclose(M.noise_floor(silent), torch.full((1, 3), -13.8))
+
+
+def test_features_with_floor_end_in_the_last_window():
+    x = torch.randn(2, 3 * 1600 + 3200)
+    spec, feats = M.features(x, floor_hops=4, window=3200)
+    assert torch.allclose(spec, M.stft(x[:, -3200:]), atol=1e-5)
+    assert feats.shape == (2, 2, 257, 26)
+    assert torch.allclose(feats[:, 0], M.log_magnitude(M.stft(x[:, -3200:]))[:, 0], atol=1e-5)
+    assert (feats[:, 1] == feats[:, 1, :, :1]).all()  # the floor is one value per bin, repeated over time
+    with pytest.raises(ValueError, match="not floor_hops=5"):
+        M.features(x, floor_hops=5, window=3200)
+
+
+def test_widened_input_starts_as_the_original_model():
+    torch.manual_seed(0)
+    net = M.UNet(8).eval()
+    wide = M.UNet(8, in_ch=2).eval()
+    wide.load_state_dict(M.widen_input(net.state_dict(), 2))
+    x = torch.randn(1, 1, 257, 26) * 3 - 5
+    with torch.no_grad():
+        assert torch.equal(net(x), wide(torch.cat([x, torch.randn_like(x)], 1)))

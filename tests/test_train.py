@@ -168,3 +168,25 @@ def test_torchrun_two_processes_on_cpu(tiny_corpus, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_log(tmp_path / "ddp" / "train_log.csv")
     assert rows[-1]["epoch"] == "1" and rows[-1]["step"] == "3"
+
+
+def test_fine_tune_with_noise_floor(tiny_corpus, tmp_path, monkeypatch):
+    """--floor-hops widens a plain checkpoint's input with a zero-weighted noise-floor channel (so the run
+    starts where the checkpoint was: the same dev score before the first step) and records K for the export."""
+    monkeypatch.chdir(tmp_path)
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "base", "--epochs", "1", "--steps-per-epoch", "3")) == 0
+    base_rows = read_log(tmp_path / "base" / "train_log.csv")
+    ft = ["--init-from", str(tmp_path / "base" / "last.pt"), "--floor-hops", "4", "--floor-start-prob", "0.5",
+          "--epochs", "1", "--steps-per-epoch", "3"]
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "ft", *ft)) == 0
+    rows = read_log(tmp_path / "ft" / "train_log.csv")
+    assert abs(float(rows[0]["dev_si_snri"]) - float(base_rows[-1]["dev_si_snri"])) < 1e-4
+    ck = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)
+    assert ck["config"]["floor_hops"] == 4 and ck["model"]["e1.0.weight"].shape[1] == 2
+    assert ck["model"]["e1.0.weight"][:, 1].abs().max() > 0  # the floor's weights learned something
+    with pytest.raises(SystemExit, match="floor_hops 4, not 0"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "ft", "--resume", "--epochs", "2", "--steps-per-epoch", "3"))
+    with pytest.raises(SystemExit, match="pass --floor-hops 4"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "x", "--init-from", str(tmp_path / "ft" / "last.pt")))
+    with pytest.raises(SystemExit, match="not combined with --context-samp"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "x", *ft, "--context-samp", "1600"))
