@@ -274,6 +274,7 @@ def main(argv=None):
         sched.load_state_dict(ck["scheduler"])
         sched.T_max = total_steps  # --epochs may be raised on resume: the cosine stretches to the new end
         epoch, step, best = ck["epoch"], ck["step"], ck["best"]
+        args.init_from = ck["config"].get("init_from", "")  # a resumed fine-tune still started from there
         if main_proc:
             print(f"resumed from {last_path}: epoch {epoch}, step {step}, best score {best:.3f}")
     # The weights' running average sits in a flatter spot than the last step's weights; with it on, it is what

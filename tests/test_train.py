@@ -184,6 +184,10 @@ def test_fine_tune_with_noise_floor(tiny_corpus, tmp_path, monkeypatch):
     ck = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)
     assert ck["config"]["floor_hops"] == 4 and ck["model"]["e1.0.weight"].shape[1] == 2
     assert ck["model"]["e1.0.weight"][:, 1].abs().max() > 0  # the floor's weights learned something
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "ft", "--resume", "--floor-hops", "4", "--epochs", "2",
+                                "--steps-per-epoch", "3")) == 0
+    ck = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)
+    assert ck["epoch"] == 2 and ck["config"]["init_from"].endswith("base/last.pt")  # the lineage survives a resume
     with pytest.raises(SystemExit, match="floor_hops 4, not 0"):
         train.main(tiny_args(tiny_corpus, tmp_path / "ft", "--resume", "--epochs", "2", "--steps-per-epoch", "3"))
     with pytest.raises(SystemExit, match="pass --floor-hops 4"):
