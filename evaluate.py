@@ -374,9 +374,9 @@ def ml_variant_config(name, flags, model=None):
     """--ml-variant "NAME=FLAGS": the ML pipeline with some of its constants changed by its own flags,
     e.g. "--no-eq --output-gain 1.33", to measure what each spec default costs or buys."""
     ml = _import_pipeline("ml_denoiser_pipeline")
-    extra = ["--model", model] if model else []
+    extra = ["--model", model] if model else []  # first: a variant's own --model comes later and wins
     try:
-        return ml.build_parser().parse_args(shlex.split(flags) + extra)
+        return ml.build_parser().parse_args(extra + shlex.split(flags))
     except SystemExit:
         raise EvalError(f"--ml-variant {name}: flags {flags!r} are not ml_denoiser_pipeline.py flags") from None
 

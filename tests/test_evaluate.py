@@ -224,6 +224,9 @@ def test_ml_variant_runs_the_pipeline_with_changed_constants(tmp_path, capsys):
     method = ev.setup_ml_variant(args, "transparent", flags)
     assert method.latency_ms == ml.latency_ms()
     assert np.abs(method.process(noisy.copy()) - noisy).max() < 1e-3
+    half = tiny_onnx(tmp_path / "half.onnx", value=0.5)  # a variant's own --model beats the global one
+    method = ev.setup_ml_variant(args, "half", f"{flags} --model {half}")
+    assert np.abs(method.process(noisy.copy()) - 0.5 * noisy).max() < 1e-3
     rc = ev.main(["--clean", str(tmp_path / "clean"), "--noisy", str(tmp_path / "noisy"), "--methods", "x",
                   "--ml-variant", "x=--no-such-flag", "--out", str(tmp_path / "o"), "--quiet"])
     assert rc != 0 and "not ml_denoiser_pipeline.py flags" in capsys.readouterr().err
