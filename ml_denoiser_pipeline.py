@@ -9,11 +9,12 @@
 Edit the constants below (or pass the matching flag, e.g. --spectral-floor 0.18) to change how it sounds.
 One hop of audio, top to bottom (MLChain.hop):
   100 ms of microphone samples x INPUT_GAIN slide into a 200 ms window, behind C samples of older audio
-  (C = the context_samp in the model's metadata: 0 for the shipped spec model; see train.py --context-samp)
+  (C = the context_samp in the model's metadata: 0 for the shipped model; see train.py --context-samp)
   -> 512-point Hann STFT, 128-sample hop, center=True: 1 + (C + 3200) / 128 frames of 257 bins
-  -> denoiser.onnx maps log|STFT| [1, 1, 257, T] to a mask in [0, 1], floored at SPECTRAL_FLOOR (a model
-     trained with train.py --floor-hops K also takes, as a second channel, the noise floor: per bin, the
-     minimum over the last K hops of each hop's mean log|STFT|, the same computation as model.noise_floor)
+  -> denoiser.onnx maps log|STFT| [1, 1, 257, T] to a mask in [0, 1], floored at SPECTRAL_FLOOR; a model
+     trained with train.py --floor-hops K (the shipped one: K = 20, 2 s) also takes, as a second channel,
+     the noise floor: per bin, the minimum over the last K hops of each hop's mean log|STFT| (as
+     model.noise_floor computes it), which tells the model what the room sounds like between words
   -> mask x noisy magnitude, noisy phase, inverse STFT; the context's output is dropped (it was finished
      by earlier hops; the model saw it only to learn the noise), and the 200 ms window is periodic-Hann
      weighted and overlap-added with the previous one (50% overlap sums to exactly 1: no seams, no ripple)
@@ -40,7 +41,7 @@ STFT_HOP_SAMP = 128        # STFT hop (8 ms); must match the model
 WINDOW_SAMP = 3200         # model input window (200 ms); longer = more context, more latency
 HOP_SAMP = 1600            # new audio per model run (100 ms) = WINDOW_SAMP / 2 for the 50% overlap-add
 SPECTRAL_FLOOR = 0.03      # lowest mask value: 0 = the model's own .. 0.18 gentle; raise if the voice sounds thin
-                           # (spec 0.12 cost the shipped model 0.03 PESQ-WB, 0.07 OVRL, 0.1 dB SI-SNRi on dev)
+                           # (spec 0.12 cost the shipped model 0.03 PESQ-WB, 0.07 OVRL, 0.14 dB SI-SNRi on dev)
 EQ = False                 # post-EQ (--eq); spec had it on: it cost 8.5 dB SI-SNRi, 0.09 OVRL for +0.05 PESQ on dev
 EQ_GAIN_DB = 5.0           # boost between EQ_LOW_HZ and EQ_HIGH_HZ; 0..8 dB, lower if the voice booms
 EQ_LOW_HZ = 100.0          # lower edge of the boost band
