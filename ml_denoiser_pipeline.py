@@ -123,7 +123,11 @@ class MLChain:
         self.log_eps = float(meta.get("log_eps", LOG_EPS_DEFAULT))
         # The floor model's memory: each recent hop's mean log|STFT| per bin, +inf for digital silence (so a
         # muted mic or the zeros before the first hop never pose as the noise), oldest first.
-        self.silent_log = float(meta.get("silent_log", "-12"))
+        try:
+            self.silent_log = float(meta.get("silent_log", "-12"))
+        except ValueError:
+            raise dsp.AudioError(f"model {Path(cfg.model).name} has a bad silent_log in its metadata: "
+                                 f"{meta['silent_log']!r}") from None
         self.hop_stats = np.full((floor_hops, cfg.n_fft // 2 + 1), np.inf, np.float32) if floor_hops else None
         self.cfg, self.model_only = cfg, model_only
         self.floor = 0.0 if model_only else cfg.spectral_floor

@@ -204,6 +204,8 @@ def test_missing_and_mismatched_models(tmp_path, tiny_onnx_factory):
         one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", bad_floor), "bad floor_hops")
     one_input = tiny_onnx_factory(tmp_path / "floor1.onnx", metadata={"floor_hops": 20})  # no floor channel
     one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", one_input), "expected [1, 2, 257, T]")
+    bad_silence = tiny_onnx_factory(tmp_path / "silence.onnx", metadata={"silent_log": "quiet"})
+    one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", bad_silence), "bad silent_log")
     both = tiny_onnx_factory(tmp_path / "both.onnx", metadata={"floor_hops": 20, "context_samp": 1600})
     one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", both), "one or the other")
     assert not (tmp_path / "out.wav").exists()
