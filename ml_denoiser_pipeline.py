@@ -61,8 +61,9 @@ ORT_THREADS = 1            # onnxruntime threads; 1 leaves the other cores to th
 MIC = None                 # input device: index or name substring; None = the system's default input
 CABLE = None               # output device: index or name substring; None = first virtual cable found
 # ------------------------------------------------------------------------------------------------------------
-NOT_FLAGS = {"NOT_FLAGS", "LOG_EPS_DEFAULT"}
+NOT_FLAGS = {"NOT_FLAGS", "LOG_EPS_DEFAULT", "SILENT_LOG_DEFAULT"}
 LOG_EPS_DEFAULT = 1e-6     # log(|X| + eps) as model.py trains; the model's metadata overrides it
+SILENT_LOG_DEFAULT = -12.0  # model.SILENT_LOG: a hop below it is digital silence; the model's metadata overrides it
 
 
 def meta_int(meta, key, path, low=0):
@@ -124,7 +125,7 @@ class MLChain:
         # The floor model's memory: each recent hop's mean log|STFT| per bin, +inf for digital silence (so a
         # muted mic or the zeros before the first hop never pose as the noise), oldest first.
         try:
-            self.silent_log = float(meta.get("silent_log", "-12"))
+            self.silent_log = float(meta.get("silent_log", SILENT_LOG_DEFAULT))
         except ValueError:
             raise dsp.AudioError(f"model {Path(cfg.model).name} has a bad silent_log in its metadata: "
                                  f"{meta['silent_log']!r}") from None
