@@ -128,6 +128,12 @@ def noise_floor(logmag):
     return torch.where(silent.all(1, keepdim=True), stats[:, -1], floor)
 
 
+def floor_past(floor_hops, window):
+    """Samples of past audio in front of the window that a floor of floor_hops hops reads: K windows 50%
+    overlapped span (K - 1) half-windows more than one."""
+    return (floor_hops - 1) * (window // 2) if floor_hops else 0
+
+
 def features(noisy, floor_hops=0, window=None):
     """What the model sees, exactly as the pipeline builds it: (complex STFT of the part the mask applies to,
     model input). Without a floor that is the whole of `noisy` and its log-magnitude [B, 1, F, T]. With

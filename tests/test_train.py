@@ -63,6 +63,37 @@ def test_snr_loss_scores_the_level_that_si_snr_ignores():
     assert torch.isfinite(a) and torch.isfinite(b)
 
 
+def test_compressed_mag_loss_is_level_free_and_defined_on_pauses():
+    ref, noise = torch.randn(4, 3200), torch.randn(4, 3200)
+    noisy = ref + noise
+    assert train.compressed_mag_loss(ref, ref, noisy).max() < 1e-6
+    near, far = (train.compressed_mag_loss(ref + a * noise, ref, noisy) for a in (0.1, 0.5))
+    assert (far > near).all() and (near > 0).all()
+    assert torch.allclose(train.compressed_mag_loss(3 * (ref + 0.1 * noise), 3 * ref, 3 * noisy), near, rtol=1e-4)
+    ref[1] = 0  # a pause: what comes out is what is scored, and silence out scores ~0 with a finite gradient
+    est = torch.zeros(4, 3200, requires_grad=True)
+    loss = train.compressed_mag_loss(est, ref, noisy)
+    loss.sum().backward()
+    assert loss[1] < 1e-3 and torch.isfinite(est.grad).all()
+    assert train.compressed_mag_loss(0.1 * noise, ref, noisy)[1] > 10 * loss[1]
+
+
+def test_mag_weight_adds_the_magnitude_term_to_the_loss(tiny_corpus, tmp_path, monkeypatch):
+    """Same data, same start: one step's loss with the term is the SI-SNR loss plus a positive amount, the
+    choice is recorded for the export, and the dev log carries STOI."""
+    monkeypatch.chdir(tmp_path)
+    one = ["--epochs", "1", "--steps-per-epoch", "2", "--max-steps", "1"]
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "plain", *one)) == 0
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "mag", *one, "--mag-weight", "25")) == 0
+    plain, mag = (read_log(tmp_path / d / "train_log.csv")[-1] for d in ("plain", "mag"))
+    assert float(mag["train_loss"]) > float(plain["train_loss"]) + 0.01
+    assert 0.0 < float(plain["dev_stoi"]) < 1.0
+    ck = torch.load(tmp_path / "mag" / "last.pt", weights_only=False)
+    assert ck["config"]["mag_weight"] == 25 and ck["config"]["mag_power"] == train.MAG_POWER
+    with pytest.raises(SystemExit, match="--mag-weight must be >= 0"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "bad", "--mag-weight", "-1"))
+
+
 def test_twenty_steps_lower_the_loss(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the decoded-corpus cache goes here
     assert train.main(tiny_args(tiny_corpus, tmp_path / "ck", "--epochs", "2", "--steps-per-epoch", "10")) == 0
