@@ -80,6 +80,8 @@ def base_metadata(net, ck=None):
             meta["init_from"] = cfg["init_from"]
         if cfg.get("loss", "si-snr") != "si-snr":  # absent = the spec's SI-SNR (keeps older exports byte-identical)
             meta["loss"] = cfg["loss"]
+        if cfg.get("mag_weight"):  # absent = no magnitude term (keeps older exports byte-identical)
+            meta["mag_weight"], meta["mag_power"] = cfg["mag_weight"], cfg["mag_power"]
         meta["step"] = ck.get("step", 0)
         meta["dev_metrics"] = {k: round(v, 4) for k, v in ck.get("metrics", {}).items() if isinstance(v, float)}
     if net.in_ch > 1:  # absent = no floor input (keeps older exports byte-identical)

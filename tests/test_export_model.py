@@ -50,6 +50,10 @@ def test_metadata_names_the_checkpoint_a_fine_tune_started_from(checkpoint):
     assert "loss" not in export_model.base_metadata(net, ck)  # the spec's SI-SNR loss adds no entry
     ck["config"]["loss"] = "snr"
     assert export_model.base_metadata(net, ck)["loss"] == "snr"
+    assert "mag_weight" not in export_model.base_metadata(net, ck)  # nor does a zero magnitude term
+    ck["config"].update(mag_weight=25.0, mag_power=0.3)
+    meta = export_model.base_metadata(net, ck)
+    assert (meta["mag_weight"], meta["mag_power"]) == (25.0, 0.3)
 
 
 def test_parity_failure_is_refused(checkpoint, tmp_path):
