@@ -346,11 +346,7 @@ def main(argv=None):
                     noisy[i, :rng.integers(1, args.floor_hops) * (args.segment_samp // 2)] = 0.0
             noisy, clean = torch.from_numpy(noisy).to(device), torch.from_numpy(clean).to(device)
             with autocast:
-                spec, feats = M.features(noisy, args.floor_hops, args.segment_samp)
-                if device.type == "cpu":
-                    feats = feats.contiguous(memory_format=torch.channels_last)
-                mask = train_net(feats).squeeze(1).float()
-            est = M.istft(spec * mask, args.segment_samp if args.floor_hops else noisy.shape[-1])
+                est, _ = M.enhance(train_net, noisy, args.floor_hops, args.segment_samp, device.type == "cpu")
             w = args.segment_samp
             loss = window_loss(est[:, -w:], clean[:, -w:], noisy[:, -w:], args.pause_floor_db, args.loss)
             if args.mag_weight:
