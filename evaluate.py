@@ -56,6 +56,8 @@ PEER_RATE_48K = 48000  # Hz; RNNoise and DeepFilterNet run here (soxr resamples 
 MAX_LAG_MS = 100.0  # ms; alignment search range either side; raise only for methods with more delay
 DNSMOS_WINDOW_S = 9.01  # s; the DNSMOS P.835 model's fixed input; do not change
 DNSMOS_HOP_S = 1.0  # s; hop between DNSMOS windows (published scheme); lower = slower, no gain
+DNSMOS_LEVEL_DBFS = None  # score DNSMOS at this RMS level for every method (e.g. -26), as a listening test
+                          # plays files at one level; None = as produced (the reference scheme), level-sensitive
 CONFIDENCE = 0.95  # two-sided t-interval level for the table
 SPEEX_NOISE_SUPPRESSION_DB = -30  # dB; Speex's default; -15 gentle .. -45 aggressive
 SPEEX_AUTO_GAIN = 0  # 0 = AGC off, so level changes do not count against Speex
@@ -494,7 +496,8 @@ class Dnsmos:
     POLY_BAK = np.poly1d([-0.13166888, 1.60915514, -0.39604546])
     POLY_OVRL = np.poly1d([-0.06766283, 1.11546468, 0.04602535])
 
-    def __init__(self):
+    def __init__(self, level_dbfs=DNSMOS_LEVEL_DBFS):
+        self.level_dbfs = level_dbfs
         self.session = onnx_session(package_file("speechmos", "dnsmos_models/sig_bak_ovr.onnx",
                                                  "speechmos (DNSMOS models)"))
         self.input_name = self.session.get_inputs()[0].name
@@ -507,6 +510,10 @@ class Dnsmos:
         x = np.asarray(audio, np.float32)
         if len(x) == 0:
             return (float("nan"),) * 3
+        if self.level_dbfs is not None:
+            # DNSMOS hears level: the same output played 5 dB quieter reads as less residual noise (README).
+            x = x * (10 ** (self.level_dbfs / 20) / (np.sqrt(np.mean(x.astype(np.float64) ** 2)) + 1e-9))
+            x = x.astype(np.float32)
         while len(x) < win:
             x = np.concatenate([x, x])
         n_win = int(np.floor(len(x) / SAMPLE_RATE) - DNSMOS_WINDOW_S) + 1
@@ -635,7 +642,7 @@ def score_pair(pair, out, dnsmos, max_lag_ms=MAX_LAG_MS):
 
 
 def evaluate(pairs, setups, keep_outputs_for=None, progress=True, max_lag_ms=MAX_LAG_MS,
-             with_dnsmos=True):
+             with_dnsmos=True, dnsmos_level_dbfs=DNSMOS_LEVEL_DBFS):
     """Run every method on every pair. setups: list of (name, callable returning a Method).
     Returns (rows, methods, notes, kept) where kept maps method label -> output for the pair
     named keep_outputs_for (aligned), for the spectrogram panel."""
@@ -643,7 +650,7 @@ def evaluate(pairs, setups, keep_outputs_for=None, progress=True, max_lag_ms=MAX
 
     notes, dnsmos = [], None
     try:
-        dnsmos = Dnsmos() if with_dnsmos else None
+        dnsmos = Dnsmos(dnsmos_level_dbfs) if with_dnsmos else None
     except Unavailable as exc:
         notes.append(f"DNSMOS not scored: {exc} (pip install -r requirements-eval.txt)")
     rows, methods, kept = [], [], {}
@@ -945,6 +952,8 @@ def build_parser():
     p.add_argument("--readme", help="Markdown file whose eval markers receive the results table")
     p.add_argument("--golden", metavar="JSON", help="also write per-file scores of ml and ml-model on the "
                    f"first {GOLDEN_PAIRS} pairs here (tests/golden_metrics.json for the golden test)")
+    p.add_argument("--dnsmos-level", type=float, default=DNSMOS_LEVEL_DBFS, metavar="DBFS",
+                   help="score DNSMOS with every output scaled to this RMS level, e.g. -26 (default: as produced)")
     p.add_argument("--max-lag-ms", type=float, default=MAX_LAG_MS,
                    help=f"alignment search range in ms (default {MAX_LAG_MS:g})")
     p.add_argument("--no-dnsmos", action="store_true",
@@ -984,6 +993,8 @@ def run(args):
         raise EvalError("--limit must be 0 (all) or a positive count")
     if args.max_lag_ms <= 0:
         raise EvalError("--max-lag-ms must be positive")
+    if args.dnsmos_level is not None and not -80 <= args.dnsmos_level <= 0:
+        raise EvalError("--dnsmos-level must be a level in dBFS between -80 and 0, e.g. -26")
     setups = choose_setups(args)
     pairs, notes = load_pairs(args.noisy, args.clean, args.limit, args.manifest)
     with_ref = args.clean is not None
@@ -999,7 +1010,8 @@ def run(args):
         rows, methods, run_notes, kept = evaluate(pairs, setups, keep_outputs_for=chosen,
                                                   progress=not args.quiet,
                                                   max_lag_ms=args.max_lag_ms,
-                                                  with_dnsmos=not args.no_dnsmos)
+                                                  with_dnsmos=not args.no_dnsmos,
+                                                  dnsmos_level_dbfs=args.dnsmos_level)
     finally:
         if affinity is not None:
             os.sched_setaffinity(0, affinity)
@@ -1013,6 +1025,8 @@ def run(args):
              f"interval. RTF = processing time / audio duration on one CPU core. Lag = median "
              f"delay found by cross-correlation with the clean reference (outputs are aligned "
              f"before scoring).")
+    if args.dnsmos_level is not None:
+        intro += f" DNSMOS scored with every output at {args.dnsmos_level:g} dBFS RMS (--dnsmos-level)."
     report = [f"# Evaluation\n\n`{command}`\n", intro, "", table]
     targets = targets_table(rows, methods) if with_ref else ""
     if targets:

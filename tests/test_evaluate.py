@@ -71,6 +71,16 @@ def test_dnsmos_prefers_clean_over_noisy():
     assert all(1.0 <= v <= 5.0 for v in (sig_c, bak_c, ovrl_c, sig_n, bak_n, ovrl_n))
 
 
+def test_dnsmos_hears_level_unless_told_one():
+    """As produced, a quieter copy reads as different (DNSMOS is level-sensitive); with a common level
+    every scaling of a file scores the same."""
+    _, noisy = load(LOW_SNR_PAIR)
+    plain, levelled = ev.Dnsmos(), ev.Dnsmos(level_dbfs=-26)
+    assert abs(plain(noisy)[1] - plain(0.2 * noisy)[1]) > 0.05
+    assert np.allclose(levelled(noisy), levelled(0.2 * noisy), atol=2e-3)
+    assert ev.main(["--noisy", str(DEV / "noisy"), "--dnsmos-level", "5"]) == 1
+
+
 @pytest.mark.parametrize("name, lag_ms", [("rnnoise", 20.0), ("nsnet2", 0.0), ("dtln", 24.0),
                                           ("deepfilternet", 30.0), ("speex", 10.0)])
 def test_real_peer_improves_pesq(name, lag_ms):
