@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import soxr
+from scipy.signal import lfilter
 
 SAMPLE_RATE = 16000          # Hz; everything is converted to this
 SNR_RANGE_DB = (-5.0, 20.0)  # uniform SNR of each mixture; widen the top end if clean input gets damaged
@@ -29,6 +30,9 @@ SNR_SPAN = "window"          # "window": SNR over the training window (spec); "u
 PAUSE_PROB = 0.0             # share of noise-only windows (a pause in speech); raise it if noise leaks through pauses
 LEVEL_RANGE_DBFS = (-45.0, -15.0)  # RMS level of the mixture, so the model sees quiet and loud microphones
 TWO_NOISE_PROB = 0.2         # share of mixtures with two noises at once (a fan plus a voice, say)
+FILTER_AUG_PROB = 0.0        # share of speech and of noise segments given a random 2nd-order EQ (0 = spec); raise it
+                             # when the training set is small: it stands in for other microphones and rooms
+SPEED_AUG = 0.0              # speech speed (tempo and pitch) drawn in 1 +- this (0 = spec, 0.1 = +-10%): more voices
 SILENT_SEGMENT_DB = -25.0    # re-draw a speech segment quieter than this relative to its file (SI-SNR is undefined on silence)
 SILENT_FILE_RMS = 1e-5       # noise files quieter than this are skipped
 CACHE_DIR = ".cache"         # decoded corpora live here as .npy; delete it after changing the audio folders
@@ -94,12 +98,17 @@ class Mixer:
     source of many one-second wake words does not outweigh an hour of audiobooks by file count alone."""
 
     def __init__(self, speech, noise, length, snr_range_db=SNR_RANGE_DB, level_range_dbfs=LEVEL_RANGE_DBFS,
-                 two_noise_prob=TWO_NOISE_PROB, scored_samp=None, snr_span=SNR_SPAN, pause_prob=PAUSE_PROB):
+                 two_noise_prob=TWO_NOISE_PROB, scored_samp=None, snr_span=SNR_SPAN, pause_prob=PAUSE_PROB,
+                 filter_aug_prob=FILTER_AUG_PROB, speed_aug=SPEED_AUG):
         if snr_span not in ("window", "utterance") or not 0.0 <= pause_prob < 1.0:
             raise SystemExit(f"error: SNR span must be 'window' or 'utterance' (got {snr_span!r}) and the pause "
                              f"share in [0, 1) (got {pause_prob})")
+        if not 0.0 <= filter_aug_prob <= 1.0 or not 0.0 <= speed_aug < 0.5:
+            raise SystemExit(f"error: the filter augmentation share must be in [0, 1] (got {filter_aug_prob}) and "
+                             f"the speed range in [0, 0.5) (got {speed_aug})")
         self.speech, self.noise, self.length = speech, noise, length
         self.snr_span, self.pause_prob = snr_span, pause_prob
+        self.filter_aug_prob, self.speed_aug = filter_aug_prob, speed_aug
         # The loss sees only the last scored_samp samples (the rest is context), so that part must not be silent.
         self.scored_samp = min(scored_samp or length, length)
         self.snr_range_db, self.level_range_dbfs, self.two_noise_prob = snr_range_db, level_range_dbfs, two_noise_prob
@@ -109,19 +118,34 @@ class Mixer:
         self.speech_rms = [rms(s) for s in speech]
 
     def speech_segment(self, rng):
+        # Played faster by `speed`, a longer stretch of the file fills the window: tempo and pitch both scale.
+        speed = rng.uniform(1 - self.speed_aug, 1 + self.speed_aug) if self.speed_aug else 1.0
+        need = int(np.ceil(self.length * speed)) if self.speed_aug else self.length
         for _ in range(20):
             i = rng.choice(len(self.speech), p=self.speech_p)
             clip = self.speech[i]
-            if len(clip) >= self.length:
-                start = rng.integers(0, len(clip) - self.length + 1)
-                seg = clip[start:start + self.length].copy()
+            if len(clip) >= need:
+                start = rng.integers(0, len(clip) - need + 1)
+                seg = clip[start:start + need].copy()
             else:  # a short word lands at a random place in silence, as it would in a call
-                seg = np.zeros(self.length, np.float32)
-                start = rng.integers(0, self.length - len(clip) + 1)
+                seg = np.zeros(need, np.float32)
+                start = rng.integers(0, need - len(clip) + 1)
                 seg[start:start + len(clip)] = clip
+            if self.speed_aug:
+                seg = soxr.resample(seg, SAMPLE_RATE * speed, SAMPLE_RATE).astype(np.float32)
+                seg = np.pad(seg, (0, max(0, self.length - len(seg))))[:self.length]
             if 20 * np.log10(rms(seg[-self.scored_samp:]) / self.speech_rms[i]) > SILENT_SEGMENT_DB:
                 break
         return seg, self.speech_rms[i]
+
+    def random_eq(self, x, rng):
+        """RNNoise's augmentation: a random 2nd-order filter (both polynomials' coefficients uniform in
+        +-3/8, so it stays stable and minimum-phase) imitates another microphone or room, at the same RMS."""
+        if not self.filter_aug_prob or rng.random() >= self.filter_aug_prob:
+            return x
+        b, a = [1.0, *rng.uniform(-0.375, 0.375, 2)], [1.0, *rng.uniform(-0.375, 0.375, 2)]
+        y = lfilter(b, a, x).astype(np.float32)
+        return y * np.float32(rms(x) / rms(y))
 
     def noise_segment(self, rng):
         clip = self.noise[rng.choice(len(self.noise), p=self.noise_p)]
@@ -134,7 +158,8 @@ class Mixer:
         """One (noisy, clean) pair. A pause example (clean all zeros) is mixed as a speech one and then has its
         speech removed, so its noise sits at the level it would have under speech."""
         clean, utterance_rms = self.speech_segment(rng)
-        noise = self.noise_segment(rng)
+        clean = self.random_eq(clean, rng)
+        noise = self.random_eq(self.noise_segment(rng), rng)
         if rng.random() < self.two_noise_prob:
             second = self.noise_segment(rng)
             noise = noise + second * (rms(noise) / rms(second)) * 10 ** (rng.uniform(-10, 0) / 20)

@@ -139,10 +139,11 @@ def pesq_wb(ref, deg):
 
 
 def validation_set(mixer, n, seed):
-    """The fixed synthetic validation windows, drawn like the training ones but never pauses: SI-SNR needs
-    speech in every window (on silence it reads a meaningless -80 dB)."""
+    """The fixed synthetic validation windows, drawn like the training ones but never pauses (SI-SNR needs
+    speech in every window: on silence it reads a meaningless -80 dB) and never augmented (so runs with and
+    without augmentation validate on the same windows)."""
     speech_only = copy.copy(mixer)
-    speech_only.pause_prob = 0.0
+    speech_only.pause_prob = speech_only.filter_aug_prob = speech_only.speed_aug = 0.0
     return dataset.fixed_set(speech_only, n, seed)
 
 
@@ -199,6 +200,10 @@ def build_parser():
                     help="what the mixing SNR is measured over (dataset.SNR_SPAN)")
     ap.add_argument("--pause-prob", type=float, default=dataset.PAUSE_PROB,
                     help="share of noise-only windows (dataset.PAUSE_PROB)")
+    ap.add_argument("--filter-aug-prob", type=float, default=dataset.FILTER_AUG_PROB,
+                    help="share of speech and noise segments given a random EQ (dataset.FILTER_AUG_PROB)")
+    ap.add_argument("--speed-aug", type=float, default=dataset.SPEED_AUG,
+                    help="speech speed drawn in 1 +- this (dataset.SPEED_AUG)")
     ap.add_argument("--loss", choices=["si-snr", "snr"], default=LOSS, help="per-window loss (LOSS)")
     ap.add_argument("--mag-weight", type=float, default=MAG_WEIGHT, help="compressed-magnitude term (MAG_WEIGHT)")
     ap.add_argument("--mag-power", type=float, default=MAG_POWER)
@@ -249,7 +254,8 @@ def main(argv=None):
     noise = dataset.load_corpus(args.noise, min_rms=dataset.SILENT_FILE_RMS)
     # Each example is context + window long; only the window's output is scored, as the pipeline only keeps it.
     mixer = dataset.Mixer(speech, noise, past + args.segment_samp, scored_samp=args.segment_samp,
-                          snr_span=args.snr_span, pause_prob=args.pause_prob)
+                          snr_span=args.snr_span, pause_prob=args.pause_prob,
+                          filter_aug_prob=args.filter_aug_prob, speed_aug=args.speed_aug)
     val = validation_set(mixer, args.val_examples, seed=args.seed + 999)
     dev = []
     if main_proc and args.dev and args.dev_files > 0:
@@ -258,7 +264,9 @@ def main(argv=None):
     data_summary = (f"speech {len(speech)} files {hours(speech):.2f} h from {args.speech}; "
                     f"noise {len(noise)} files {hours(noise):.2f} h from {args.noise}; "
                     f"SNR {dataset.SNR_RANGE_DB[0]:g}..{dataset.SNR_RANGE_DB[1]:g} dB over the {args.snr_span}; "
-                    f"pause windows {args.pause_prob:g}")
+                    f"pause windows {args.pause_prob:g}"
+                    + (f"; random EQ on {args.filter_aug_prob:g} of segments" if args.filter_aug_prob else "")
+                    + (f"; speech speed 1+-{args.speed_aug:g}" if args.speed_aug else ""))
 
     torch.manual_seed(args.seed)
     in_ch = 2 if args.floor_hops else 1
@@ -388,7 +396,8 @@ def main(argv=None):
                   "sample_rate": M.SAMPLE_RATE, "window_samp": args.segment_samp, "log_eps": M.LOG_EPS,
                   "context_samp": args.context_samp, "floor_hops": args.floor_hops,
                   "init_from": args.init_from, "snr_span": args.snr_span,
-                  "pause_prob": args.pause_prob, "pause_floor_db": args.pause_floor_db, "loss": args.loss,
+                  "pause_prob": args.pause_prob, "filter_aug_prob": args.filter_aug_prob,
+                  "speed_aug": args.speed_aug, "pause_floor_db": args.pause_floor_db, "loss": args.loss,
                   "mag_weight": args.mag_weight, "mag_power": args.mag_power,
                   "ema_decay": args.ema_decay, "data": data_summary}
         ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),

@@ -122,3 +122,55 @@ def test_pause_windows_are_noise_at_its_mixed_level(tiny_corpus, tmp_path):
         dataset.Mixer(speech, noise, 3200, pause_prob=1.0)
     with pytest.raises(SystemExit, match="SNR span"):
         dataset.Mixer(speech, noise, 3200, snr_span="file")
+
+
+def dominant_hz(x, rate=16000):
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return np.argmax(spectrum) * rate / len(x)
+
+
+def test_speed_augmentation_scales_pitch_within_its_range():
+    """SPEED_AUG plays the speech faster or slower: a 1 kHz tone comes out between 900 and 1100 Hz at +-10%,
+    spread over that range, the window keeps its length and the SNR still holds."""
+    rng = np.random.default_rng(0)
+    tone = np.sin(2 * np.pi * 1000 * np.arange(64000) / 16000).astype(np.float32)
+    noise = [0.1 * rng.standard_normal(32000).astype(np.float32)]
+    plain = dataset.Mixer([tone], noise, 6400, snr_range_db=(10, 10), two_noise_prob=0.0)
+    fast = dataset.Mixer([tone], noise, 6400, snr_range_db=(10, 10), two_noise_prob=0.0, speed_aug=0.1)
+    assert {round(dominant_hz(plain.sample(rng)[1])) for _ in range(5)} == {1000}
+    pitches = []
+    for _ in range(40):
+        noisy, clean = fast.sample(rng)
+        assert len(clean) == len(noisy) == 6400
+        assert abs(20 * np.log10(dataset.rms(clean) / dataset.rms(noisy - clean)) - 10) < 0.1
+        pitches.append(dominant_hz(clean))
+    assert 895 <= min(pitches) < 960 and 1040 < max(pitches) <= 1105
+
+
+def test_filter_augmentation_reshapes_speech_and_noise_at_the_same_snr(tiny_corpus, tmp_path):
+    """FILTER_AUG_PROB: white noise comes out tilted (low band against high band varies by several dB from
+    example to example) where without it it stays flat; the requested SNR holds; off, the stream is the spec's."""
+    speech = dataset.load_corpus(tiny_corpus / "speech", cache_dir=tmp_path)
+    white = [np.random.default_rng(1).standard_normal(64000).astype(np.float32)]
+
+    def tilts(mixer):
+        rng, out = np.random.default_rng(2), []
+        for _ in range(30):
+            noisy, clean = mixer.sample(rng)
+            assert abs(20 * np.log10(dataset.rms(clean) / dataset.rms(noisy - clean)) - 5) < 0.1
+            power = np.abs(np.fft.rfft(noisy - clean)) ** 2
+            out.append(10 * np.log10(power[:len(power) // 4].sum() / power[-len(power) // 4:].sum()))
+        return np.array(out)
+
+    kw = dict(snr_range_db=(5, 5), two_noise_prob=0.0)
+    flat, shaped = tilts(dataset.Mixer(speech, white, 3200, **kw)), tilts(
+        dataset.Mixer(speech, white, 3200, filter_aug_prob=1.0, **kw))
+    assert np.abs(flat).max() < 1.0
+    assert shaped.std() > 3.0 and np.abs(shaped).max() > 6.0
+    a = dataset.fixed_set(dataset.Mixer(speech, white, 3200), 8, seed=4)
+    b = dataset.fixed_set(dataset.Mixer(speech, white, 3200, filter_aug_prob=0.0, speed_aug=0.0), 8, seed=4)
+    assert np.array_equal(a[0], b[0])
+    with pytest.raises(SystemExit, match="filter augmentation share"):
+        dataset.Mixer(speech, white, 3200, filter_aug_prob=1.5)
+    with pytest.raises(SystemExit, match="speed range"):
+        dataset.Mixer(speech, white, 3200, speed_aug=0.5)
