@@ -130,14 +130,6 @@ def enhance_windowed(net, noisy, window=SEGMENT_SAMP, context=0, batch=256, floo
     return out[hop:hop + n]
 
 
-def pesq_wb(ref, deg):
-    from pesq import pesq, PesqError
-    try:
-        return pesq(M.SAMPLE_RATE, ref, deg, "wb")
-    except PesqError:
-        return float("nan")
-
-
 def validation_set(mixer, n, seed):
     """The fixed synthetic validation windows, drawn like the training ones but never pauses (SI-SNR needs
     speech in every window: on silence it reads a meaningless -80 dB) and never augmented (so runs with and
@@ -155,17 +147,17 @@ def validate(net, val, dev, device, context=0, floor_hops=0, window=SEGMENT_SAMP
                      for i in range(0, len(noisy), 64)])
     row = {"val_si_snr": si_snr(est, clean[:, -window:]).mean().item()}
     if dev:
-        from pystoi import stoi
+        import evaluate  # the same PESQ and STOI scoring as the published figures
         gains, pesqs, stois = [], [], []
         for _, nz, cl, _ in dev:
             out = enhance_windowed(net, torch.from_numpy(nz).to(device), window, context, floor_hops=floor_hops).cpu()
             ref = torch.from_numpy(cl)
             gains.append((si_snr(out[None], ref[None]) - si_snr(torch.from_numpy(nz)[None], ref[None])).item())
-            pesqs.append(pesq_wb(cl, out.numpy()))
-            stois.append(stoi(cl, out.numpy(), M.SAMPLE_RATE))
+            pesqs.append(evaluate.pesq_wb(cl, out.numpy())[0])
+            stois.append(evaluate.stoi_score(cl, out.numpy())[0])
         row["dev_si_snri"] = float(np.mean(gains))
         row["dev_pesq_wb"] = float(np.nanmean(pesqs))
-        row["dev_stoi"] = float(np.mean(stois))
+        row["dev_stoi"] = float(np.nanmean(stois))
     net.train()
     return row
 
