@@ -132,10 +132,11 @@ def enhance_windowed(net, noisy, window=SEGMENT_SAMP, context=0, batch=256, floo
 
 def validation_set(mixer, n, seed):
     """The fixed synthetic validation windows, drawn like the training ones but never pauses (SI-SNR needs
-    speech in every window: on silence it reads a meaningless -80 dB) and never augmented (so runs with and
-    without augmentation validate on the same windows)."""
+    speech in every window: on silence it reads a meaningless -80 dB), never augmented and always at the
+    default SNR range (so runs with other mixing options validate on the same windows)."""
     speech_only = copy.copy(mixer)
     speech_only.pause_prob = speech_only.filter_aug_prob = speech_only.speed_aug = 0.0
+    speech_only.snr_range_db = dataset.SNR_RANGE_DB
     return dataset.fixed_set(speech_only, n, seed)
 
 
@@ -192,6 +193,8 @@ def build_parser():
                     help="what the mixing SNR is measured over (dataset.SNR_SPAN)")
     ap.add_argument("--pause-prob", type=float, default=dataset.PAUSE_PROB,
                     help="share of noise-only windows (dataset.PAUSE_PROB)")
+    ap.add_argument("--snr-range", type=float, nargs=2, default=dataset.SNR_RANGE_DB, metavar=("LOW", "HIGH"),
+                    help="mixture SNR drawn uniformly in LOW..HIGH dB (dataset.SNR_RANGE_DB)")
     ap.add_argument("--filter-aug-prob", type=float, default=dataset.FILTER_AUG_PROB,
                     help="share of speech and noise segments given a random EQ (dataset.FILTER_AUG_PROB)")
     ap.add_argument("--speed-aug", type=float, default=dataset.SPEED_AUG,
@@ -225,6 +228,8 @@ def main(argv=None):
         raise SystemExit(f"error: --ema-decay must be in [0, 1), not {args.ema_decay}")
     if not 0.0 <= args.pause_prob < 1.0:
         raise SystemExit(f"error: --pause-prob must be in [0, 1), not {args.pause_prob}")
+    if not args.snr_range[0] <= args.snr_range[1]:
+        raise SystemExit(f"error: --snr-range LOW HIGH needs LOW <= HIGH, not {args.snr_range[0]:g} {args.snr_range[1]:g}")
     if args.mag_weight < 0 or not 0 < args.mag_power <= 2:
         raise SystemExit("error: --mag-weight must be >= 0 and --mag-power in (0, 2]")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -246,7 +251,7 @@ def main(argv=None):
     noise = dataset.load_corpus(args.noise, min_rms=dataset.SILENT_FILE_RMS)
     # Each example is context + window long; only the window's output is scored, as the pipeline only keeps it.
     mixer = dataset.Mixer(speech, noise, past + args.segment_samp, scored_samp=args.segment_samp,
-                          snr_span=args.snr_span, pause_prob=args.pause_prob,
+                          snr_range_db=tuple(args.snr_range), snr_span=args.snr_span, pause_prob=args.pause_prob,
                           filter_aug_prob=args.filter_aug_prob, speed_aug=args.speed_aug)
     val = validation_set(mixer, args.val_examples, seed=args.seed + 999)
     dev = []
@@ -255,7 +260,7 @@ def main(argv=None):
     hours = lambda clips: sum(len(c) for c in clips) / M.SAMPLE_RATE / 3600
     data_summary = (f"speech {len(speech)} files {hours(speech):.2f} h from {args.speech}; "
                     f"noise {len(noise)} files {hours(noise):.2f} h from {args.noise}; "
-                    f"SNR {dataset.SNR_RANGE_DB[0]:g}..{dataset.SNR_RANGE_DB[1]:g} dB over the {args.snr_span}; "
+                    f"SNR {args.snr_range[0]:g}..{args.snr_range[1]:g} dB over the {args.snr_span}; "
                     f"pause windows {args.pause_prob:g}"
                     + (f"; random EQ on {args.filter_aug_prob:g} of segments" if args.filter_aug_prob else "")
                     + (f"; speech speed 1+-{args.speed_aug:g}" if args.speed_aug else ""))
@@ -387,7 +392,7 @@ def main(argv=None):
         config = {"base_ch": args.base_ch, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
                   "sample_rate": M.SAMPLE_RATE, "window_samp": args.segment_samp, "log_eps": M.LOG_EPS,
                   "context_samp": args.context_samp, "floor_hops": args.floor_hops,
-                  "init_from": args.init_from, "snr_span": args.snr_span,
+                  "init_from": args.init_from, "snr_range_db": list(args.snr_range), "snr_span": args.snr_span,
                   "pause_prob": args.pause_prob, "filter_aug_prob": args.filter_aug_prob,
                   "speed_aug": args.speed_aug, "pause_floor_db": args.pause_floor_db, "loss": args.loss,
                   "mag_weight": args.mag_weight, "mag_power": args.mag_power,

@@ -156,13 +156,14 @@ def test_fine_tune_with_utterance_snr_and_pauses(tiny_corpus, tmp_path, monkeypa
     records them for the export's metadata."""
     monkeypatch.chdir(tmp_path)
     extra = ["--snr-span", "utterance", "--pause-prob", "0.3", "--loss", "snr", "--epochs", "1",
-             "--steps-per-epoch", "4", "--filter-aug-prob", "0.5", "--speed-aug", "0.1"]
+             "--steps-per-epoch", "4", "--filter-aug-prob", "0.5", "--speed-aug", "0.1", "--snr-range", "-10", "20"]
     assert train.main(tiny_args(tiny_corpus, tmp_path / "p", *extra)) == 0
     ck = torch.load(tmp_path / "p" / "last.pt", weights_only=False)
     assert ck["config"]["snr_span"] == "utterance" and ck["config"]["pause_prob"] == 0.3
     assert ck["config"]["loss"] == "snr"
     assert ck["config"]["filter_aug_prob"] == 0.5 and ck["config"]["speed_aug"] == 0.1
-    assert "over the utterance; pause windows 0.3; random EQ on 0.5 of segments; speech speed 1+-0.1" in \
+    assert ck["config"]["snr_range_db"] == [-10, 20]
+    assert "SNR -10..20 dB over the utterance; pause windows 0.3; random EQ on 0.5 of segments; speech speed 1+-0.1" in \
         ck["config"]["data"]
     rows = read_log(tmp_path / "p" / "train_log.csv")
     assert all(torch.isfinite(torch.tensor(float(r[k]))) for r in rows[1:] for k in ("train_loss", "val_si_snr"))
@@ -175,12 +176,14 @@ def test_fine_tune_with_utterance_snr_and_pauses(tiny_corpus, tmp_path, monkeypa
     assert (np.abs(clean).max(axis=1) == 0).any()
     # Nor is it augmented: an augmented run validates on the same windows as a plain one.
     speech, noise = mixer.speech, mixer.noise
-    augmented = dataset.Mixer(speech, noise, 1600, filter_aug_prob=1.0, speed_aug=0.2)
+    augmented = dataset.Mixer(speech, noise, 1600, filter_aug_prob=1.0, speed_aug=0.2, snr_range_db=(-10, -10))
     assert np.array_equal(train.validation_set(augmented, 8, seed=0)[0],
                           train.validation_set(dataset.Mixer(speech, noise, 1600), 8, seed=0)[0])
     assert augmented.filter_aug_prob == 1.0 and augmented.speed_aug == 0.2
     with pytest.raises(SystemExit, match="--pause-prob must be in"):
         train.main(tiny_args(tiny_corpus, tmp_path / "bad", "--pause-prob", "1"))
+    with pytest.raises(SystemExit, match="LOW <= HIGH"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "bad", "--snr-range", "20", "-10"))
 
 
 def test_weight_averaging_is_what_best_keeps(tiny_corpus, tmp_path, monkeypatch):
