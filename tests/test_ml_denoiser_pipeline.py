@@ -258,3 +258,27 @@ def test_shipped_model_keeps_its_published_scores(dev_dir):
             si_snri = ev.si_snr(aligned, clean) - ev.si_snr(noisy, clean)
             assert abs(pesq - want["pesq"]) < 0.02, (name, key, pesq, want)
             assert abs(si_snri - want["si_snri"]) < 0.1, (name, key, si_snri, want)
+
+
+def test_mask_power_deepens_a_partial_mask(tmp_path, tiny_onnx_factory):
+    """MASK_POWER 2 turns the model's 0.5 into 0.25 (-6 dB more), the floor still bounds it from below, the
+    model-only output ignores it, and a power that would invert or flatten the mask is refused."""
+    model = tiny_onnx_factory(tmp_path / "half.onnx", value=0.5)
+    x = speechlike(2.0, dbfs=-20)
+    d = 3200
+
+    def gain(**kw):
+        cfg = P.default_config(**{"model": str(model), "gate": False, "input_gain": 1.0, "output_gain": 1.0,
+                                  "spectral_floor": 0.0, **kw})
+        y = P.MLChain(cfg).process(x)
+        return np.sqrt(np.mean(y[d:] ** 2) / np.mean(x[:-d] ** 2))
+
+    assert gain() == pytest.approx(0.5, rel=0.02)
+    assert gain(mask_power=2.0) == pytest.approx(0.25, rel=0.02)
+    assert gain(mask_power=2.0, spectral_floor=0.4) == pytest.approx(0.4, rel=0.02)
+    cfg = P.default_config(model=str(model), mask_power=2.0)
+    y = P.MLChain(cfg, model_only=True).process(x)
+    assert np.sqrt(np.mean(y[d:] ** 2) / np.mean(x[:-d] ** 2)) == pytest.approx(0.5, rel=0.02)
+    for bad in (0.0, -1.0):
+        with pytest.raises(dsp.AudioError, match="MASK_POWER must be above 0"):
+            P.MLChain(P.default_config(model=str(model), mask_power=bad))
