@@ -229,7 +229,8 @@ def main(argv=None):
     if not 0.0 <= args.pause_prob < 1.0:
         raise SystemExit(f"error: --pause-prob must be in [0, 1), not {args.pause_prob}")
     if not args.snr_range[0] <= args.snr_range[1]:
-        raise SystemExit(f"error: --snr-range LOW HIGH needs LOW <= HIGH, not {args.snr_range[0]:g} {args.snr_range[1]:g}")
+        low, high = args.snr_range
+        raise SystemExit(f"error: --snr-range LOW HIGH needs LOW <= HIGH, not {low:g} {high:g}")
     if args.mag_weight < 0 or not 0 < args.mag_power <= 2:
         raise SystemExit("error: --mag-weight must be >= 0 and --mag-power in (0, 2]")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
