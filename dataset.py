@@ -120,7 +120,7 @@ class Mixer:
     def speech_segment(self, rng):
         # Played faster by `speed`, a longer stretch of the file fills the window: tempo and pitch both scale.
         speed = rng.uniform(1 - self.speed_aug, 1 + self.speed_aug) if self.speed_aug else 1.0
-        need = int(np.ceil(self.length * speed)) if self.speed_aug else self.length
+        need = int(np.ceil(self.length * speed))
         for _ in range(20):
             i = rng.choice(len(self.speech), p=self.speech_p)
             clip = self.speech[i]
