@@ -463,7 +463,7 @@ def test_live_pipeline_matches_file_mode(script, sound_server, fake_mic, cable, 
     mic, cabled = recording[:, 0], recording[:, 1]
     reference = module.denoise_array(mic)
     start, stop = _active_span(mic)
-    corr, lags, raw = _piecewise_match(reference[start:stop], cabled[start:], mic[start:stop])
+    corr, lags, raw, _ = _piecewise_match(reference[start:stop], cabled[start:], mic[start:stop])
     latency_ms = 1000.0 * float(np.median(lags)) / RATE
     print("%s live: correlation %.4f (with the raw microphone %.4f), latency %.1f ms (algorithm %.1f ms), "
           "%d lag change(s), %s" % (script, corr, raw, latency_ms, module.latency_ms(),
@@ -476,7 +476,8 @@ def test_live_pipeline_matches_file_mode(script, sound_server, fake_mic, cable, 
 def _piecewise_match(reference, live, raw, window=RATE // 2, min_windows=8):
     """Correlation of live with reference after aligning each half second on its own (a loaded test machine
     can make the sound server drop a few samples unannounced, which shifts everything after it), the lag of
-    each window, and the same correlation with the raw microphone at those lags."""
+    each window, the same correlation with the raw microphone at those lags, and each window's own
+    correlation with reference (a drop inside a window splits that one window)."""
     ref_parts, live_parts, raw_parts, lags = [], [], [], []
     for begin in range(0, len(reference) - window + 1, window):
         seg = reference[begin:begin + window]
@@ -493,7 +494,8 @@ def _piecewise_match(reference, live, raw, window=RATE // 2, min_windows=8):
     joined = np.concatenate(live_parts)
     corr = np.corrcoef(np.concatenate(ref_parts), joined)[0, 1]
     raw_corr = np.corrcoef(np.concatenate(raw_parts), joined)[0, 1]
-    return corr, np.array(lags), raw_corr
+    each = np.array([np.corrcoef(r, v)[0, 1] for r, v in zip(ref_parts, live_parts)])
+    return corr, np.array(lags), raw_corr, each
 
 
 def test_recovers_when_the_microphone_vanishes_and_returns(sound_server, fake_mic, cable, probe, tmp_path):
@@ -520,13 +522,15 @@ def test_recovers_when_the_microphone_vanishes_and_returns(sound_server, fake_mi
     assert code == 0, err
     stats = live_audio.parse_stats(out)
     assert stats["device_losses"] == 1, out
-    # In the last 1.5 s before the stop, the cable carries the microphone again (delayed, unchanged).
+    # In the last 1.5 s before the stop, the cable carries the microphone again (delayed, unchanged). White
+    # noise from anything else would correlate near 0. CI once saw a loaded machine drop samples inside one
+    # quarter-second window (joined correlation 0.944), so each window is judged alone and one may be split.
     mic, cabled = recording[:, 0], recording[:, 1]
     _, stop = _active_span(cabled)
     start = stop - 2 * RATE
-    corr, lags, _ = _piecewise_match(mic[start:stop - RATE // 2], cabled[start:], mic[start:stop - RATE // 2],
-                                     window=RATE // 4, min_windows=4)
-    assert corr > 0.99
+    _, lags, _, each = _piecewise_match(mic[start:stop - RATE // 2], cabled[start:], mic[start:stop - RATE // 2],
+                                        window=RATE // 4, min_windows=4)
+    assert np.sum(each > 0.99) >= len(each) - 1, each
 
 
 def test_device_that_refuses_16k_is_opened_at_its_rate_and_resampled(sound_server, fake_mic, cable, probe,
@@ -561,7 +565,7 @@ def test_device_that_refuses_16k_is_opened_at_its_rate_and_resampled(sound_serve
     sos = butter(8, 6000, fs=RATE, output="sos")
     mic, cabled = sosfiltfilt(sos, recording[:, 0]), sosfiltfilt(sos, recording[:, 1])
     start, stop = _active_span(recording[:, 0])
-    corr, lags, _ = _piecewise_match(mic[start:stop], cabled[start:], mic[start:stop], min_windows=6)
+    corr, lags, _, _ = _piecewise_match(mic[start:stop], cabled[start:], mic[start:stop], min_windows=6)
     print("resampled live path: correlation %.4f, latency %.1f ms" % (corr, 1000.0 * np.median(lags) / RATE))
     assert corr > 0.95
 
