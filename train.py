@@ -1,7 +1,7 @@
 """Train the denoiser's U-Net (model.py) on clean speech + noise mixed on the fly (dataset.py).
 
     python train.py                                   # ../shared/data/train, checkpoints in ./checkpoints
-    python train.py --resume                          # carry on from checkpoints/last.pt
+    python train.py --resume                          # carry on from checkpoints/last.pt, as it was started
     python train.py --init-from checkpoints/best.pt --context-samp 3200 --out-dir checkpoints/context
                                                       # fine-tune with 200 ms of past audio before each window
     python train.py --init-from checkpoints/utterance2/best.pt --snr-span utterance --floor-hops 20 \
@@ -213,8 +213,46 @@ def build_parser():
     return ap
 
 
+# What makes a run that run: checkpoint config key -> flag. --resume takes these from last.pt, so a resumed run
+# mixes, scores and schedules exactly as before; a flag given with --resume that says otherwise is refused.
+RECIPE = {"base_ch": "base_ch", "window_samp": "segment_samp", "context_samp": "context_samp",
+          "floor_hops": "floor_hops", "floor_start_prob": "floor_start_prob", "snr_range_db": "snr_range",
+          "snr_span": "snr_span", "pause_prob": "pause_prob", "filter_aug_prob": "filter_aug_prob",
+          "speed_aug": "speed_aug", "pause_floor_db": "pause_floor_db", "loss": "loss", "mag_weight": "mag_weight",
+          "mag_power": "mag_power", "ema_decay": "ema_decay", "seed": "seed", "batch_size": "batch_size",
+          "steps_per_epoch": "steps_per_epoch"}
+
+
+def adopt_recipe(args, argv, ck, path):
+    """Set args' recipe flags from the checkpoint being resumed. Keys an older checkpoint lacks keep the flag's
+    value: the option did not exist then, so its default is what that run used."""
+    unset = object()  # argparse leaves a namespace's preset attributes alone unless the flag is given
+    parsed = build_parser().parse_args(argv, argparse.Namespace(**dict.fromkeys(RECIPE.values(), unset)))
+    given = {dest: value for dest, value in vars(parsed).items() if value is not unset}
+    same = lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else v
+    for key, dest in RECIPE.items():
+        if key not in ck["config"]:
+            continue
+        saved = same(ck["config"][key])
+        if dest in given and same(given[dest]) != saved:
+            flag = "--" + dest.replace("_", "-")
+            shown = lambda v: " ".join(f"{x:g}" for x in v) if isinstance(v, list) else v
+            raise SystemExit(f"error: {path} has {key} {shown(saved)}, not {shown(same(given[dest]))}: --resume "
+                             f"continues that run as it was; drop {flag}, or start a new run with --init-from")
+        setattr(args, dest, tuple(saved) if isinstance(saved, list) else saved)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    resumed = None
+    if args.resume:
+        if args.init_from:
+            raise SystemExit("error: --init-from starts a new run; --resume continues one; pick one")
+        last_path = Path(args.out_dir) / "last.pt"
+        if not last_path.exists():
+            raise SystemExit(f"error: --resume but no checkpoint at {last_path}")
+        resumed = torch.load(last_path, map_location="cpu", weights_only=False)
+        adopt_recipe(args, argv, resumed, last_path)
     if args.context_samp < 0 or args.segment_samp < 2 * M.STFT_HOP_SAMP:
         raise SystemExit("error: --context-samp must be >= 0 and --segment-samp at least two STFT hops")
     if args.floor_hops < 0 or (args.floor_hops and args.context_samp) or not 0 <= args.floor_start_prob <= 1:
@@ -222,8 +260,6 @@ def main(argv=None):
                          "are the context), and --floor-start-prob in [0, 1]")
     # Past audio in front of each training window: the context, or the floor's earlier hops.
     past = M.floor_past(args.floor_hops, args.segment_samp) if args.floor_hops else args.context_samp
-    if args.init_from and args.resume:
-        raise SystemExit("error: --init-from starts a new run; --resume continues one; pick one")
     if not 0.0 <= args.ema_decay < 1.0:
         raise SystemExit(f"error: --ema-decay must be in [0, 1), not {args.ema_decay}")
     if not 0.0 <= args.pause_prob < 1.0:
@@ -276,28 +312,23 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps, eta_min=args.lr_min)
     epoch, step, best = 0, 0, -math.inf
 
-    def load_weights(path, what, same_context):
-        """Checkpoint at path into net, refusing one of another width (or context, when resuming). A model
-        without the noise-floor input starts a floor run with that input's weights at zero."""
-        if not Path(path).exists():
-            raise SystemExit(f"error: {what} but no checkpoint at {path}")
-        ck = torch.load(path, map_location=device, weights_only=False)
-        checks = [("base_ch", args.base_ch)] + ([("context_samp", args.context_samp),
-                                                  ("floor_hops", args.floor_hops)] if same_context else [])
-        for key, want in checks:
-            if ck["config"].get(key, 0) != want:
-                raise SystemExit(f"error: {path} has {key} {ck['config'].get(key, 0)}, not {want}")
-        if ck["model"]["e1.0.weight"].shape[1] > in_ch:
-            raise SystemExit(f"error: {path} takes a noise-floor input; pass --floor-hops {ck['config']['floor_hops']}")
-        net.load_state_dict(M.widen_input(ck["model"], in_ch))
-        return ck
-
     if args.init_from:
-        ck = load_weights(args.init_from, "--init-from", same_context=False)
+        if not Path(args.init_from).exists():
+            raise SystemExit(f"error: --init-from but no checkpoint at {args.init_from}")
+        ck = torch.load(args.init_from, map_location=device, weights_only=False)
+        # A model without the noise-floor input starts a floor run with that input's weights at zero.
+        if ck["config"].get("base_ch", 0) != args.base_ch:
+            raise SystemExit(f"error: {args.init_from} has base_ch {ck['config'].get('base_ch', 0)}, "
+                             f"not {args.base_ch}")
+        if ck["model"]["e1.0.weight"].shape[1] > in_ch:
+            raise SystemExit(f"error: {args.init_from} takes a noise-floor input; "
+                             f"pass --floor-hops {ck['config']['floor_hops']}")
+        net.load_state_dict(M.widen_input(ck["model"], in_ch))
         if main_proc:
             print(f"initialised from {args.init_from} (epoch {ck.get('epoch', '?')}); new optimizer and schedule")
     if args.resume:
-        ck = load_weights(last_path, "--resume", same_context=True)
+        ck = resumed
+        net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         sched.T_max = total_steps  # --epochs may be raised on resume: the cosine stretches to the new end
@@ -397,7 +428,8 @@ def main(argv=None):
                   "pause_prob": args.pause_prob, "filter_aug_prob": args.filter_aug_prob,
                   "speed_aug": args.speed_aug, "pause_floor_db": args.pause_floor_db, "loss": args.loss,
                   "mag_weight": args.mag_weight, "mag_power": args.mag_power,
-                  "ema_decay": args.ema_decay, "data": data_summary}
+                  "ema_decay": args.ema_decay, "floor_start_prob": args.floor_start_prob, "seed": args.seed,
+                  "batch_size": args.batch_size, "steps_per_epoch": args.steps_per_epoch, "data": data_summary}
         ck = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
               "epoch": epoch, "step": step, "best": best, "config": config, "metrics": row}
         if ema is not None:

@@ -107,9 +107,12 @@ def test_twenty_steps_lower_the_loss(tiny_corpus, tmp_path, monkeypatch):
 
 def test_resume_continues_exactly(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    common = ["--epochs", "2", "--steps-per-epoch", "4", "--dev-files", "0", "--ema-decay", "0.7"]
-    assert train.main(tiny_args(tiny_corpus, tmp_path / "straight", *common)) == 0
-    assert train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, "--max-steps", "4")) == 0  # "killed"
+    common = ["--epochs", "2", "--dev-files", "0"]
+    recipe = ["--steps-per-epoch", "4", "--ema-decay", "0.7", "--snr-range", "-10", "20", "--filter-aug-prob", "0.5",
+              "--speed-aug", "0.1", "--seed", "7"]
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "straight", *common, *recipe)) == 0
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, *recipe, "--max-steps", "4")) == 0  # "killed"
+    # The recipe is not repeated: --resume takes it from last.pt (with the defaults it would mix other data).
     assert train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, "--resume")) == 0
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
@@ -117,6 +120,11 @@ def test_resume_continues_exactly(tiny_corpus, tmp_path, monkeypatch):
     for k in a["model"]:
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-5), k
         assert torch.allclose(a["ema"][k].float(), b["ema"][k].float(), atol=1e-5), k  # the average resumes too
+    assert b["config"] == a["config"]
+    with pytest.raises(SystemExit, match=r"snr_range_db -10 20, not -5 20: --resume continues"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, "--resume", "--snr-range", "-5", "20"))
+    with pytest.raises(SystemExit, match="seed 7, not 1234"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, "--resume", "--seed", "1234"))
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_corpus, tmp_path, monkeypatch):
@@ -144,7 +152,7 @@ def test_fine_tune_with_context(tiny_corpus, tmp_path, monkeypatch):
                 for k in base["model"] if base["model"][k].ndim == 4)
     assert 0 < moved < 0.03
     with pytest.raises(SystemExit, match="context_samp 1600, not 0"):
-        train.main(tiny_args(tiny_corpus, tmp_path / "ft", "--resume", "--epochs", "2", "--steps-per-epoch", "3"))
+        train.main(tiny_args(tiny_corpus, tmp_path / "ft", "--resume", "--epochs", "2", "--context-samp", "0"))
     with pytest.raises(SystemExit, match="no checkpoint"):
         train.main(tiny_args(tiny_corpus, tmp_path / "x", "--init-from", str(tmp_path / "none.pt")))
     with pytest.raises(SystemExit, match="pick one"):
@@ -226,12 +234,12 @@ def test_fine_tune_with_noise_floor(tiny_corpus, tmp_path, monkeypatch):
     ck = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)
     assert ck["config"]["floor_hops"] == 4 and ck["model"]["e1.0.weight"].shape[1] == 2
     assert ck["model"]["e1.0.weight"][:, 1].abs().max() > 0  # the floor's weights learned something
-    assert train.main(tiny_args(tiny_corpus, tmp_path / "ft", "--resume", "--floor-hops", "4", "--epochs", "2",
-                                "--steps-per-epoch", "3")) == 0
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "ft", "--resume", "--epochs", "2")) == 0
     ck = torch.load(tmp_path / "ft" / "last.pt", weights_only=False)
     assert ck["epoch"] == 2 and ck["config"]["init_from"].endswith("base/last.pt")  # the lineage survives a resume
+    assert ck["config"]["floor_hops"] == 4 and ck["step"] == 6  # taken from last.pt, not the flags' defaults
     with pytest.raises(SystemExit, match="floor_hops 4, not 0"):
-        train.main(tiny_args(tiny_corpus, tmp_path / "ft", "--resume", "--epochs", "2", "--steps-per-epoch", "3"))
+        train.main(tiny_args(tiny_corpus, tmp_path / "ft", "--resume", "--epochs", "2", "--floor-hops", "0"))
     with pytest.raises(SystemExit, match="pass --floor-hops 4"):
         train.main(tiny_args(tiny_corpus, tmp_path / "x", "--init-from", str(tmp_path / "ft" / "last.pt")))
     with pytest.raises(SystemExit, match="not combined with --context-samp"):
