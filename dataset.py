@@ -93,6 +93,25 @@ def rms(x):
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)) + 1e-20))
 
 
+def check_mixing(snr_range_db=SNR_RANGE_DB, snr_span=SNR_SPAN, pause_prob=PAUSE_PROB,
+                 filter_aug_prob=FILTER_AUG_PROB, speed_aug=SPEED_AUG):
+    """Refuse mixing options Mixer cannot honour. Mixer checks its own; train.py calls this first as well, so a
+    bad flag fails before minutes of corpus decoding."""
+    problems = []
+    if snr_span not in ("window", "utterance"):
+        problems.append(f"SNR span must be 'window' or 'utterance' (got {snr_span!r})")
+    if not snr_range_db[0] <= snr_range_db[1]:
+        problems.append(f"the SNR range LOW HIGH needs LOW <= HIGH (got {snr_range_db[0]:g} {snr_range_db[1]:g})")
+    if not 0.0 <= pause_prob < 1.0:
+        problems.append(f"the pause share must be in [0, 1) (got {pause_prob:g})")
+    if not 0.0 <= filter_aug_prob <= 1.0:
+        problems.append(f"the filter augmentation share must be in [0, 1] (got {filter_aug_prob:g})")
+    if not 0.0 <= speed_aug < 0.5:
+        problems.append(f"the speed range must be in [0, 0.5) (got {speed_aug:g})")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
 class Mixer:
     """Draws (noisy, clean) pairs of `length` samples. Files are picked in proportion to their length so a
     source of many one-second wake words does not outweigh an hour of audiobooks by file count alone."""
@@ -100,12 +119,7 @@ class Mixer:
     def __init__(self, speech, noise, length, snr_range_db=SNR_RANGE_DB, level_range_dbfs=LEVEL_RANGE_DBFS,
                  two_noise_prob=TWO_NOISE_PROB, scored_samp=None, snr_span=SNR_SPAN, pause_prob=PAUSE_PROB,
                  filter_aug_prob=FILTER_AUG_PROB, speed_aug=SPEED_AUG):
-        if snr_span not in ("window", "utterance") or not 0.0 <= pause_prob < 1.0:
-            raise SystemExit(f"error: SNR span must be 'window' or 'utterance' (got {snr_span!r}) and the pause "
-                             f"share in [0, 1) (got {pause_prob})")
-        if not 0.0 <= filter_aug_prob <= 1.0 or not 0.0 <= speed_aug < 0.5:
-            raise SystemExit(f"error: the filter augmentation share must be in [0, 1] (got {filter_aug_prob}) and "
-                             f"the speed range in [0, 0.5) (got {speed_aug})")
+        check_mixing(snr_range_db, snr_span, pause_prob, filter_aug_prob, speed_aug)
         self.speech, self.noise, self.length = speech, noise, length
         self.snr_span, self.pause_prob = snr_span, pause_prob
         self.filter_aug_prob, self.speed_aug = filter_aug_prob, speed_aug

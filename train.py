@@ -262,11 +262,7 @@ def main(argv=None):
     past = M.floor_past(args.floor_hops, args.segment_samp) if args.floor_hops else args.context_samp
     if not 0.0 <= args.ema_decay < 1.0:
         raise SystemExit(f"error: --ema-decay must be in [0, 1), not {args.ema_decay}")
-    if not 0.0 <= args.pause_prob < 1.0:
-        raise SystemExit(f"error: --pause-prob must be in [0, 1), not {args.pause_prob}")
-    if not args.snr_range[0] <= args.snr_range[1]:
-        low, high = args.snr_range
-        raise SystemExit(f"error: --snr-range LOW HIGH needs LOW <= HIGH, not {low:g} {high:g}")
+    dataset.check_mixing(tuple(args.snr_range), args.snr_span, args.pause_prob, args.filter_aug_prob, args.speed_aug)
     if args.mag_weight < 0 or not 0 < args.mag_power <= 2:
         raise SystemExit("error: --mag-weight must be >= 0 and --mag-power in (0, 2]")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -188,10 +188,12 @@ def test_fine_tune_with_utterance_snr_and_pauses(tiny_corpus, tmp_path, monkeypa
     assert np.array_equal(train.validation_set(augmented, 8, seed=0)[0],
                           train.validation_set(dataset.Mixer(speech, noise, 1600), 8, seed=0)[0])
     assert augmented.filter_aug_prob == 1.0 and augmented.speed_aug == 0.2
-    with pytest.raises(SystemExit, match="--pause-prob must be in"):
-        train.main(tiny_args(tiny_corpus, tmp_path / "bad", "--pause-prob", "1"))
-    with pytest.raises(SystemExit, match="LOW <= HIGH"):
-        train.main(tiny_args(tiny_corpus, tmp_path / "bad", "--snr-range", "20", "-10"))
+    # Bad mixing flags fail before the corpus is decoded (a missing corpus would be the error otherwise).
+    for flags, message in ((["--pause-prob", "1"], "pause share"), (["--snr-range", "20", "-10"], "LOW <= HIGH"),
+                           (["--filter-aug-prob", "2"], "filter augmentation share"),
+                           (["--speed-aug", "0.5"], "speed range")):
+        with pytest.raises(SystemExit, match=message):
+            train.main(["--speech", str(tmp_path / "nowhere"), "--noise", str(tmp_path / "nowhere"), *flags])
 
 
 def test_weight_averaging_is_what_best_keeps(tiny_corpus, tmp_path, monkeypatch):
