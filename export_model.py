@@ -82,6 +82,8 @@ def base_metadata(net, ck=None):
             meta["loss"] = cfg["loss"]
         if cfg.get("mag_weight"):  # absent = no magnitude term (keeps older exports byte-identical)
             meta["mag_weight"], meta["mag_power"] = cfg["mag_weight"], cfg["mag_power"]
+        if cfg.get("stoi_weight"):
+            meta["stoi_weight"] = cfg["stoi_weight"]
         meta["step"] = ck.get("step", 0)
         meta["dev_metrics"] = {k: round(v, 4) for k, v in ck.get("metrics", {}).items() if isinstance(v, float)}
     if net.in_ch > 1:  # absent = no floor input (keeps older exports byte-identical)
