@@ -112,8 +112,9 @@ def test_mag_weight_adds_the_magnitude_term_to_the_loss(tiny_corpus, tmp_path, m
     assert 0.0 < float(plain["dev_stoi"]) < 1.0
     ck = torch.load(tmp_path / "mag" / "last.pt", weights_only=False)
     assert ck["config"]["mag_weight"] == 25 and ck["config"]["mag_power"] == train.MAG_POWER
-    with pytest.raises(SystemExit, match="--mag-weight must be >= 0"):
-        train.main(tiny_args(tiny_corpus, tmp_path / "bad", "--mag-weight", "-1"))
+    for flag in ("--mag-weight", "--stoi-weight"):
+        with pytest.raises(SystemExit, match="--mag-weight and --stoi-weight must be >= 0"):
+            train.main(tiny_args(tiny_corpus, tmp_path / "bad", flag, "-1"))
 
 
 def test_twenty_steps_lower_the_loss(tiny_corpus, tmp_path, monkeypatch):
