@@ -374,6 +374,8 @@ def main(argv=None):
         if args.resume and "ema" in ck:
             ema.load_state_dict(ck["ema"])
         ema.requires_grad_(False)
+        # state_dict tensors share storage with the modules, so the pairs are listed once and updated in place.
+        ema_pairs = list(zip(ema.state_dict().values(), net.state_dict().values()))
     scored = ema if ema is not None else net
     train_net = net
     if distributed:
@@ -429,7 +431,7 @@ def main(argv=None):
             sched.step()
             if ema is not None:
                 with torch.no_grad():
-                    for e, p in zip(ema.state_dict().values(), net.state_dict().values()):
+                    for e, p in ema_pairs:
                         if e.is_floating_point():  # BatchNorm's running stats are averaged too; its step count is not
                             e.lerp_(p, 1.0 - args.ema_decay)
                         else:
