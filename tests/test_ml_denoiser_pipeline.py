@@ -282,3 +282,52 @@ def test_mask_power_deepens_a_partial_mask(tmp_path, tiny_onnx_factory):
     for bad in (0.0, -1.0):
         with pytest.raises(dsp.AudioError, match="MASK_POWER must be above 0"):
             P.MLChain(P.default_config(model=str(model), mask_power=bad))
+
+
+def _level_mask_model(path):
+    """An ONNX model whose mask passes loud bins and cuts quiet ones: sigmoid(2 * logmag)."""
+    import onnx
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("logmag", TensorProto.FLOAT, [1, 1, 257, "T"])
+    y = helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 257, "T"])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    nodes = [helper.make_node("Mul", ["logmag", "two"], ["z"]), helper.make_node("Sigmoid", ["z"], ["mask"])]
+    proto = helper.make_model(helper.make_graph(nodes, "level_mask", [x], [y], initializer=[two]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, str(path))
+    return path
+
+
+def test_pause_cut_turns_down_only_what_the_mask_calls_noise(tmp_path, tiny_onnx_factory):
+    """PAUSE_DEPTH_DB cuts a hop by its full depth when the mask passes less than PAUSE_BELOW_DB of the noisy
+    energy, leaves a hop alone above PAUSE_ABOVE_DB, and leaves speech after a pause untouched."""
+    def gain(model, x, start, stop, **kw):
+        cfg = P.default_config(**{"model": str(model), "gate": False, "input_gain": 1.0, "output_gain": 1.0,
+                                  "spectral_floor": 0.0, **kw})
+        y = P.dsp.process_offline(P.MLChain(cfg), x)
+        return np.sqrt(np.mean(y[start:stop] ** 2) / np.mean(x[start:stop] ** 2))
+
+    x = speechlike(3.0, dbfs=-20)
+    for value, cut_db in ((0.5, 0.0), (0.03, 10.0)):  # shares of -6 dB (speech) and -30 dB (noise only)
+        model = tiny_onnx_factory(tmp_path / f"c{value}.onnx", value=value)
+        assert gain(model, x, 8000, 40000, pause_depth_db=10.0) == pytest.approx(
+            value * 10 ** (-cut_db / 20), rel=0.02)
+    # Quiet noise for 2 s, then a loud tone over it: the noise is cut by the full depth up to the hop before
+    # the tone (whose last STFT frame already hears it), and from the tone's second hop on nothing is cut.
+    rate = 16000
+    rng = np.random.default_rng(1)
+    x = (0.003 * rng.standard_normal(4 * rate)).astype(np.float32)
+    x[2 * rate:] += tone(440, 2.0, amp=0.3)
+    model = _level_mask_model(tmp_path / "level.onnx")
+    pause = gain(model, x, rate // 2, 2 * rate - 1600, pause_depth_db=12.0)
+    assert pause == pytest.approx(gain(model, x, rate // 2, 2 * rate - 1600) * 10 ** (-12 / 20), rel=0.02)
+    speech = gain(model, x, 2 * rate + 1600, 4 * rate, pause_depth_db=12.0)
+    assert speech == pytest.approx(gain(model, x, 2 * rate + 1600, 4 * rate), rel=1e-3)
+    # Model-only output never takes the cut; settings that would boost or invert it are refused.
+    cfg = P.default_config(model=str(model), pause_depth_db=12.0)
+    y = P.dsp.process_offline(P.MLChain(cfg, model_only=True), x)
+    assert np.allclose(y, P.dsp.process_offline(P.MLChain(P.default_config(model=str(model)), model_only=True), x))
+    for bad in ({"pause_depth_db": -3.0}, {"pause_below_db": -10.0, "pause_above_db": -12.0}):
+        with pytest.raises(dsp.AudioError, match="PAUSE_DEPTH_DB must be >= 0"):
+            P.MLChain(P.default_config(model=str(model), **bad))
