@@ -175,7 +175,8 @@ class MLChain:
         self.window[:-h] = self.window[h:]
         self.window[-h:] = new * gain_in
         spec = self.stft.forward(self.window)
-        logmag = np.log(np.abs(spec) + self.log_eps).astype(np.float32)[None, None]
+        mag = np.abs(spec)
+        logmag = np.log(mag + self.log_eps).astype(np.float32)[None, None]
         if self.hop_stats is not None:
             logmag = np.concatenate([logmag, self.noise_floor(logmag[0, 0])[None, None, :, None]
                                      .repeat(logmag.shape[-1], -1)], 1)
@@ -189,7 +190,7 @@ class MLChain:
         self.ola[-h:] = 0.0
         if not self.model_only:
             if self.pause:
-                out = self.pause_cut(out, spec, mask)
+                out = self.pause_cut(out, mag, mask)
             if self.eq:
                 out = self.eq.process(out)
             if self.gate:
@@ -198,7 +199,7 @@ class MLChain:
         self.hop_ms = (time.perf_counter() - t0) * 1000
         return out
 
-    def pause_cut(self, out, spec, mask):
+    def pause_cut(self, out, mag, mask):
         """Turn down a hop in which the mask itself passes almost nothing: the model has called it noise
         only, so what it lets through is residue between words, which a listener (and DNSMOS BAK) hears
         as the room still being there. The hop that leaves now is the previous window's newer half plus
@@ -206,7 +207,7 @@ class MLChain:
         that share instead of the level: it opens within GATE_ATTACK_SAMP, so a word's first syllable is
         not cut, and closes over one hop."""
         frames = self.cfg.window_samp // self.cfg.stft_hop_samp + 1  # the window's frames; context comes first
-        noisy = np.square(np.abs(spec[:, -frames:]))
+        noisy = np.square(mag[:, -frames:])
         passed = noisy * np.square(mask[:, -frames:])
         half = frames // 2
         older = np.array([passed[:, :half].sum(), noisy[:, :half].sum()])
