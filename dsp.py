@@ -60,6 +60,16 @@ class Framer:
         return y
 
 
+def crossfade_window(length, power=1.0):
+    """Synthesis window for overlap-adding 50%-overlapped windows: h^p / (h^p + (1 - h)^p) of the periodic
+    Hann h. Any p keeps the constant overlap-add (two windows half a window apart see h and 1 - h, and the
+    two weights sum to exactly 1) and the zero at the window's ends, so there are no seams; p = 1 is the Hann
+    itself, p < 1 flattens it towards an even average of the two windows' estimates of each sample."""
+    h = np.hanning(length + 1)[:-1].astype(np.float64)
+    hp, rest = h ** power, (1.0 - h) ** power
+    return (hp / (hp + rest)).astype(np.float32)
+
+
 class WindowSTFT:
     """STFT of one fixed-length window, identical to model.py's torch.stft(center=True, reflect padding,
     periodic Hann) so the ONNX model sees in the pipeline exactly the features it was trained on."""

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 import dataset
+import dsp
+import ml_denoiser_pipeline as pipeline
 import model as M
 
 SPEECH_DIR = "../shared/data/train/speech"   # clean speech, searched recursively
@@ -139,10 +141,11 @@ def envelope_loss(est, ref, clip_db=15.0, eps=1e-8):
     return 1 - corr.mean(-1)
 
 
-def enhance_windowed(net, noisy, window=SEGMENT_SAMP, context=0, batch=256, floor_hops=0):
+def enhance_windowed(net, noisy, window=SEGMENT_SAMP, context=0, batch=256, floor_hops=0,
+                     crossfade_power=pipeline.CROSSFADE_POWER):
     """Whole-file enhancement the way ml_denoiser_pipeline.py does it: 50%-overlapping windows, each
     enhanced alone (with `context` samples of the past in front, whose output is dropped, or the noise floor
-    of the last floor_hops hops), joined by periodic-Hann overlap-add (constant overlap-add, so no seams).
+    of the last floor_hops hops), joined by the pipeline's crossfade (constant overlap-add, so no seams).
     Returns the output aligned with the input (the pipeline's algorithmic delay removed)."""
     hop = window // 2
     if floor_hops:
@@ -156,7 +159,7 @@ def enhance_windowed(net, noisy, window=SEGMENT_SAMP, context=0, batch=256, floo
     outs = []
     for i in range(0, len(wins), batch):
         outs.append(M.enhance(net, wins[i:i + batch], floor_hops, window)[0][:, -window:])
-    outs = torch.cat(outs) * torch.hann_window(window, periodic=True, device=noisy.device)
+    outs = torch.cat(outs) * torch.from_numpy(dsp.crossfade_window(window, crossfade_power)).to(noisy.device)
     out = torch.zeros(hop + frames * hop + hop, device=noisy.device)
     for s, o in zip(starts.tolist(), outs):
         out[s:s + window] += o

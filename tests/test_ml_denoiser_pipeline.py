@@ -20,8 +20,9 @@ def test_documented_shape_and_latency(random_model):
     assert chain.latency_samples == 3200 and P.latency_ms() == 200.0
 
 
-def test_overlap_add_identity(ones_model):
-    chain = P.MLChain(transparent_config(ones_model))
+@pytest.mark.parametrize("crossfade_power", [P.CROSSFADE_POWER, 1.0, 3.0])
+def test_overlap_add_identity(ones_model, crossfade_power):
+    chain = P.MLChain(dsp.with_overrides(transparent_config(ones_model), {"crossfade_power": crossfade_power}))
     x = speechlike(3.0, dbfs=-20)
     y = np.concatenate([chain.process(x[i:i + 512]) for i in range(0, len(x), 512)])
     d = chain.latency_samples
@@ -282,6 +283,53 @@ def test_mask_power_deepens_a_partial_mask(tmp_path, tiny_onnx_factory):
     for bad in (0.0, -1.0):
         with pytest.raises(dsp.AudioError, match="MASK_POWER must be above 0"):
             P.MLChain(P.default_config(model=str(model), mask_power=bad))
+
+
+def test_crossfade_averages_the_two_windows_more_evenly(tmp_path, tiny_onnx_factory):
+    """A mask that differs between the two windows covering a sample (the model sees it in different
+    places) is blended by the crossfade: a lower CROSSFADE_POWER gives the window whose edge the sample
+    sits near more weight than Hann would, and a power that would break the blend is refused."""
+    rng = np.random.default_rng(3)
+    x = 0.1 * rng.standard_normal(32000).astype(np.float32)
+    model = _alternating_mask_model(tmp_path / "alternating.onnx")
+    outs = {}
+    for p in (1.0, 0.3):
+        cfg = dsp.with_overrides(transparent_config(model), {"crossfade_power": p})
+        outs[p] = P.MLChain(cfg).process(x)
+    d = 3200
+    # Each window's mask passes its older half and cuts its newer half, so a sample keeps only the weight
+    # of the window in whose older half it sits: w(t), t its place there. Measured away from the mask's
+    # step (smeared by the 512-point STFT frames), 100 samples at a time over the 18 windows.
+    t = np.arange(len(x) - d) % 1600
+    for p, y in outs.items():
+        w = dsp.crossfade_window(3200, p)
+        for lo in range(300, 1300, 100):
+            sel = (t >= lo) & (t < lo + 100)
+            got = np.sum(y[d:][sel] * x[:-d][sel] * np.tile(w[lo:lo + 100], 18)) / np.sum(x[:-d][sel] ** 2)
+            assert got == pytest.approx(np.mean(w[lo:lo + 100] ** 2), abs=0.01), (p, lo)
+    hann_w, flat_w = dsp.crossfade_window(3200, 1.0), dsp.crossfade_window(3200, 0.3)
+    assert np.all(np.abs(flat_w[200:1400] - 0.5) <= np.abs(hann_w[200:1400] - 0.5))  # flatter: nearer even
+    for bad in (0.0, -0.5):
+        with pytest.raises(dsp.AudioError, match="CROSSFADE_POWER must be above 0"):
+            P.MLChain(dsp.with_overrides(transparent_config(model), {"crossfade_power": bad}))
+
+
+def _alternating_mask_model(path):
+    """An ONNX model whose mask is 1 on the older half of the window's frames and 0 on the newer half."""
+    import onnx
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("logmag", TensorProto.FLOAT, [1, 1, 257, "T"])
+    y = helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 257, "T"])
+    ramp = np.zeros((1, 1, 1, 26), np.float32)
+    ramp[..., :13] = 1.0
+    step = helper.make_tensor("step", TensorProto.FLOAT, ramp.shape, ramp.ravel().tolist())
+    nodes = [helper.make_node("Mul", ["logmag", "zero"], ["z"]), helper.make_node("Add", ["z", "step"], ["mask"])]
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    proto = helper.make_model(helper.make_graph(nodes, "alternating", [x], [y], initializer=[step, zero]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, str(path))
+    return path
 
 
 def _level_mask_model(path):
