@@ -314,6 +314,40 @@ def test_crossfade_averages_the_two_windows_more_evenly(tmp_path, tiny_onnx_fact
             P.MLChain(dsp.with_overrides(transparent_config(model), {"crossfade_power": bad}))
 
 
+def test_phase_rounds_bring_the_output_closer_to_the_masked_magnitude():
+    """A mask changes bins independently, so the masked spectrum is not the STFT of any signal: the output's
+    own STFT misses the magnitude the mask asked for. Each Griffin-Lim round of PHASE_ITERS shrinks that miss."""
+    stft = dsp.WindowSTFT(3200, 512, 128)
+    rng = np.random.default_rng(5)
+    x = (0.1 * rng.standard_normal(3200) + tone(440, 0.2, amp=0.3)).astype(np.float32)
+    spec = stft.forward(x)
+    mask = (rng.random(spec.shape) > 0.5).astype(np.float32)  # as inconsistent as a mask gets
+    target = np.abs(spec) * mask
+
+    def miss(iters):
+        y = P.consistent(stft, stft.inverse(spec * mask), target, iters)
+        return np.linalg.norm(np.abs(stft.forward(y)) - target) / np.linalg.norm(target)
+
+    misses = [miss(k) for k in range(4)]
+    assert all(later < earlier for earlier, later in zip(misses, misses[1:])), misses
+    assert misses[3] < 0.95 * misses[0], misses
+    assert P.consistent(stft, x, np.abs(spec), 3) == pytest.approx(x, abs=1e-5)  # a consistent one stays put
+
+
+def test_phase_rounds_only_in_the_full_chain(tmp_path, tiny_onnx_factory):
+    """Model-only output stays the model's own (noisy phase, as train.py validates); bad counts are refused."""
+    model = _level_mask_model(tmp_path / "level.onnx")
+    x = speechlike(1.2, seed=2) + 0.01 * np.random.default_rng(6).standard_normal(19200).astype(np.float32)
+    runs = {k: P.MLChain(dsp.with_overrides(transparent_config(model), {"phase_iters": k, "pause_depth_db": 0}))
+            .process(x) for k in (0, 2)}
+    assert np.abs(runs[2] - runs[0]).max() > 1e-3
+    only = [P.MLChain(P.default_config(model=str(model), phase_iters=k), model_only=True).process(x) for k in (0, 2)]
+    assert np.array_equal(only[0], only[1])
+    for bad in (-1, 1.5):
+        with pytest.raises(dsp.AudioError, match="PHASE_ITERS must be a whole number"):
+            P.MLChain(P.default_config(model=str(model), phase_iters=bad))
+
+
 def _alternating_mask_model(path):
     """An ONNX model whose mask is 1 on the older half of the window's frames and 0 on the newer half."""
     import onnx
