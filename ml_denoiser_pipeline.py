@@ -45,15 +45,15 @@ STFT_HOP_SAMP = 128        # STFT hop (8 ms); must match the model
 WINDOW_SAMP = 3200         # model input window (200 ms); longer = more context, more latency
 HOP_SAMP = 1600            # new audio per model run (100 ms) = WINDOW_SAMP / 2 for the 50% overlap-add
 CROSSFADE_POWER = 0.3      # shape of the crossfade between windows: 1 = Hann, lower = a more even average of the
-                           # two windows' estimates (dev, model alone, 1 -> 0.3: SI-SNRi +0.1 dB, PESQ-WB +0.01)
+                           # two windows' estimates (dev, full chain, 1 -> 0.3: SI-SNRi +0.11 dB, PESQ-WB +0.007; README)
 SPECTRAL_FLOOR = 0.03      # lowest mask value: 0 = the model's own .. 0.18 gentle; raise if the voice sounds thin
-                           # (spec 0.12 cost the shipped chain 0.01 PESQ-WB, 0.08 OVRL, 0.09 dB SI-SNRi on dev)
+                           # (spec 0.12 cost the shipped chain 0.06 PESQ-WB, 0.07 OVRL, 0.09 dB SI-SNRi on dev)
 MASK_POWER = 1.0           # mask ** this before the floor: 1 = the model's own; up (1.5) = less noise, thinner speech
-                           # (shipped model, dev, full chain: 1.5 gave OVRL +0.02, PESQ-WB -0.06, SI-SNRi -0.2 dB)
-PHASE_ITERS = 2           # Griffin-Lim rounds from the noisy phase (0 = noisy phase, as the model trains); each
-                           # costs an STFT pair (dev, full chain, 0 -> 2: OVRL +0.03, SI-SNRi +0.05 dB; 4 lost SI-SNRi)
-PAUSE_DEPTH_DB = 20.0      # extra cut of a hop the mask calls noise only (0 = off); up = quieter pauses, down if
-                           # soft words fade (dev, full chain, 0 -> 20: OVRL 2.784 -> 2.821, PESQ-WB -0.02, STOI -0.001)
+                           # (floor-12 model, dev, full chain: 1.5 gave OVRL +0.02, PESQ-WB -0.06, SI-SNRi -0.2 dB)
+PHASE_ITERS = 2            # Griffin-Lim rounds from the noisy phase (0 = noisy phase, as the model trains); each
+                           # costs an STFT pair (dev, full chain, 0 -> 2: OVRL +0.02, SI-SNRi +0.06 dB; 4 lost SI-SNRi)
+PAUSE_DEPTH_DB = 10.0      # extra cut of a hop the mask calls noise only (0 = off); up = quieter pauses, down if
+                           # soft words fade (dev, full chain: 10 clears RNNoise's OVRL; 20 costs STOI; README)
 PAUSE_BELOW_DB = -22.0     # a hop whose mask passes at most this share of the noisy energy gets the full cut
 PAUSE_ABOVE_DB = -12.0     # at or above this share the hop is speech and left alone; a smooth step between
 EQ = False                 # post-EQ (--eq); spec had it on: it cost 8.5 dB SI-SNRi, 0.09 OVRL for +0.05 PESQ on dev
