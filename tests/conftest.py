@@ -47,13 +47,14 @@ def random_model(random_net, tmp_path_factory):
 
 
 def tiny_onnx(path, bins=257, value=1.0, metadata=None):
-    """An ONNX graph mapping [1, 1, bins, T] to a constant mask of the same shape (mask forced to `value`)."""
+    """An ONNX graph mapping [1, 1, bins, T] to a constant mask of the same shape (mask forced to `value`: a
+    number, or an array that broadcasts against the input, e.g. [1, 1, 1, T] for a mask that varies over frames)."""
     import onnx
     from onnx import TensorProto, helper
     x = helper.make_tensor_value_info("logmag", TensorProto.FLOAT, [1, 1, bins, "T"])
     y = helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, bins, "T"])
     zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
-    val = helper.make_tensor("val", TensorProto.FLOAT, [], [value])
+    val = helper.make_tensor("val", TensorProto.FLOAT, np.shape(value), np.ravel(value).tolist())
     nodes = [helper.make_node("Mul", ["logmag", "zero"], ["z"]), helper.make_node("Add", ["z", "val"], ["mask"])]
     graph = helper.make_graph(nodes, "const_mask", [x], [y], initializer=[zero, val])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -291,7 +291,9 @@ def test_crossfade_averages_the_two_windows_more_evenly(tmp_path, tiny_onnx_fact
     sits near more weight than Hann would, and a power that would break the blend is refused."""
     rng = np.random.default_rng(3)
     x = 0.1 * rng.standard_normal(32000).astype(np.float32)
-    model = _alternating_mask_model(tmp_path / "alternating.onnx")
+    older_half = np.zeros((1, 1, 1, 26), np.float32)  # the mask passes the window's older 13 frames only
+    older_half[..., :13] = 1.0
+    model = tiny_onnx_factory(tmp_path / "alternating.onnx", value=older_half)
     outs = {}
     for p in (1.0, 0.3):
         cfg = dsp.with_overrides(transparent_config(model), {"crossfade_power": p})
@@ -334,7 +336,7 @@ def test_phase_rounds_bring_the_output_closer_to_the_masked_magnitude():
     assert P.consistent(stft, x, np.abs(spec), 3) == pytest.approx(x, abs=1e-5)  # a consistent one stays put
 
 
-def test_phase_rounds_only_in_the_full_chain(tmp_path, tiny_onnx_factory):
+def test_phase_rounds_only_in_the_full_chain(tmp_path):
     """Model-only output stays the model's own (noisy phase, as train.py validates); bad counts are refused."""
     model = _level_mask_model(tmp_path / "level.onnx")
     x = speechlike(1.2, seed=2) + 0.01 * np.random.default_rng(6).standard_normal(19200).astype(np.float32)
@@ -346,24 +348,6 @@ def test_phase_rounds_only_in_the_full_chain(tmp_path, tiny_onnx_factory):
     for bad in (-1, 1.5):
         with pytest.raises(dsp.AudioError, match="PHASE_ITERS must be a whole number"):
             P.MLChain(P.default_config(model=str(model), phase_iters=bad))
-
-
-def _alternating_mask_model(path):
-    """An ONNX model whose mask is 1 on the older half of the window's frames and 0 on the newer half."""
-    import onnx
-    from onnx import TensorProto, helper
-    x = helper.make_tensor_value_info("logmag", TensorProto.FLOAT, [1, 1, 257, "T"])
-    y = helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 257, "T"])
-    ramp = np.zeros((1, 1, 1, 26), np.float32)
-    ramp[..., :13] = 1.0
-    step = helper.make_tensor("step", TensorProto.FLOAT, ramp.shape, ramp.ravel().tolist())
-    nodes = [helper.make_node("Mul", ["logmag", "zero"], ["z"]), helper.make_node("Add", ["z", "step"], ["mask"])]
-    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
-    proto = helper.make_model(helper.make_graph(nodes, "alternating", [x], [y], initializer=[step, zero]),
-                              opset_imports=[helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    onnx.save(proto, str(path))
-    return path
 
 
 def _level_mask_model(path):
