@@ -3,6 +3,7 @@
     python export_model.py                                  # checkpoints/best.pt -> denoiser.onnx
     python export_model.py --checkpoint checkpoints/last.pt --output my.onnx
     python export_model.py --int8                           # also denoiser.int8.onnx, with its cost and gain
+    python export_model.py --checkpoint a.pt b.pt           # the average of two fine-tunes' weights
 
 The graph takes log|STFT| [1, 1, 257, T] with T free (the pipeline feeds 26 frames, 51 with 3200 samples
 of context) and returns the mask; a model trained with --floor-hops takes a second channel, the noise floor
@@ -35,10 +36,18 @@ INT8_DEV_FILES = 10                 # dev pairs scored for the INT8 quality chan
 
 
 def load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: checkpoint not found: {path} (train one with `python train.py`)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    """One checkpoint, or a list of them whose weights are averaged (model.average_checkpoints)."""
+    paths = [Path(p) for p in ([path] if isinstance(path, (str, Path)) else path)]
+    for p in paths:
+        if not p.is_file():
+            raise SystemExit(f"error: checkpoint not found: {p} (train one with `python train.py`)")
+    if len(paths) == 1:
+        ck = torch.load(paths[0], map_location="cpu", weights_only=False)
+    else:
+        try:
+            ck = M.average_checkpoints(paths)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}")
     cfg = ck.get("config", {})
     net = M.UNet(cfg.get("base_ch", M.BASE_CH), in_ch=ck["model"]["e1.0.weight"].shape[1])
     net.load_state_dict(ck["model"])
@@ -85,6 +94,8 @@ def base_metadata(net, ck=None):
         if cfg.get("stoi_weight"):
             meta["stoi_weight"] = cfg["stoi_weight"]
         meta["step"] = ck.get("step", 0)
+        if ck.get("averaged_from"):
+            meta["averaged_from"] = ck["averaged_from"]
         meta["dev_metrics"] = {k: round(v, 4) for k, v in ck.get("metrics", {}).items() if isinstance(v, float)}
     if net.in_ch > 1:  # absent = no floor input (keeps older exports byte-identical)
         meta["floor_hops"] = cfg.get("floor_hops", 0)
@@ -163,7 +174,8 @@ def int8_report(fp32_path, int8_path, dev_dir, n_files):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Export a checkpoint to ONNX.", allow_abbrev=False)
-    ap.add_argument("--checkpoint", default=CHECKPOINT)
+    ap.add_argument("--checkpoint", nargs="+", default=[CHECKPOINT],
+                    help="checkpoint to export; several: their weights are averaged (fine-tunes of one model)")
     ap.add_argument("--output", default=OUTPUT)
     ap.add_argument("--opset", type=int, default=OPSET)
     ap.add_argument("--dev", default=DEV_DIR, help="dev set for real-input parity and --int8 PESQ; '' to skip")

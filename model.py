@@ -173,3 +173,23 @@ def widen_input(state, in_ch):
         state = dict(state)
         state["e1.0.weight"] = torch.cat([w, w.new_zeros(w.shape[0], in_ch - w.shape[1], *w.shape[2:])], 1)
     return state
+
+
+def average_checkpoints(paths):
+    """One checkpoint whose weights are the plain average of several (a "model soup", Wortsman et al. 2022).
+    Fine-tunes that start from one checkpoint stay in one basin of the loss, so their average is a working
+    model that is often better than each; runs started apart would average into noise. BatchNorm statistics
+    are averaged too (a step counter is taken from the first). The config and epoch are the first one's; the
+    metrics, which no single checkpoint's validation measured, are dropped."""
+    cks = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
+    ref, cfg = cks[0]["model"], cks[0].get("config", {})
+    for path, ck in zip(paths[1:], cks[1:]):
+        other = ck.get("config", {})
+        same = ck["model"].keys() == ref.keys() and all(ck["model"][k].shape == v.shape for k, v in ref.items())
+        if not same or any(other.get(k) != cfg.get(k) for k in ("floor_hops", "window_samp", "context_samp")):
+            raise ValueError(f"{path} is not the same model as {paths[0]} (base_ch, noise floor, window and "
+                             "context must match); only fine-tunes of one model average into a model")
+    out = dict(cks[0], metrics={}, averaged_from=[str(p) for p in paths])
+    out["model"] = {k: sum(ck["model"][k] for ck in cks) / len(cks) if v.is_floating_point() else v
+                    for k, v in ref.items()}
+    return out

@@ -217,7 +217,8 @@ def build_parser():
     ap.add_argument("--context-samp", type=int, default=CONTEXT_SAMP)
     ap.add_argument("--floor-hops", type=int, default=FLOOR_HOPS, help="noise-floor input over K hops (FLOOR_HOPS)")
     ap.add_argument("--floor-start-prob", type=float, default=FLOOR_START_PROB)
-    ap.add_argument("--init-from", default=INIT_FROM, help="checkpoint whose weights start a new run (fine-tuning)")
+    ap.add_argument("--init-from", nargs="+", default=[INIT_FROM] if INIT_FROM else [],
+                    help="checkpoint whose weights start a new run (fine-tuning); several: their average")
     ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--steps-per-epoch", type=int, default=STEPS_PER_EPOCH)
@@ -346,9 +347,15 @@ def main(argv=None):
     epoch, step, best = 0, 0, -math.inf
 
     if args.init_from:
-        if not Path(args.init_from).exists():
-            raise SystemExit(f"error: --init-from but no checkpoint at {args.init_from}")
-        ck = torch.load(args.init_from, map_location=device, weights_only=False)
+        for path in args.init_from:
+            if not Path(path).exists():
+                raise SystemExit(f"error: --init-from but no checkpoint at {path}")
+        try:
+            ck = (torch.load(args.init_from[0], map_location="cpu", weights_only=False) if len(args.init_from) == 1
+                  else M.average_checkpoints(args.init_from))
+        except ValueError as exc:
+            raise SystemExit(f"error: --init-from: {exc}")
+        args.init_from = " ".join(args.init_from)  # as the config records it
         # A model without the noise-floor input starts a floor run with that input's weights at zero.
         if ck["config"].get("base_ch", 0) != args.base_ch:
             raise SystemExit(f"error: {args.init_from} has base_ch {ck['config'].get('base_ch', 0)}, "
@@ -462,7 +469,7 @@ def main(argv=None):
         config = {"base_ch": args.base_ch, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
                   "sample_rate": M.SAMPLE_RATE, "window_samp": args.segment_samp, "log_eps": M.LOG_EPS,
                   "context_samp": args.context_samp, "floor_hops": args.floor_hops,
-                  "init_from": args.init_from, "snr_range_db": list(args.snr_range), "snr_span": args.snr_span,
+                  "init_from": args.init_from or "", "snr_range_db": list(args.snr_range), "snr_span": args.snr_span,
                   "pause_prob": args.pause_prob, "filter_aug_prob": args.filter_aug_prob,
                   "speed_aug": args.speed_aug, "pause_floor_db": args.pause_floor_db, "loss": args.loss,
                   "mag_weight": args.mag_weight, "mag_power": args.mag_power, "stoi_weight": args.stoi_weight,

@@ -95,3 +95,22 @@ def test_floor_model_exports_with_its_memory_in_the_metadata(tmp_path, dev_dir, 
     assert sess.get_inputs()[0].shape[:3] == [1, 2, 257]
     plain, ck = export_model.load_checkpoint(checkpoint)
     assert not {"floor_hops", "silent_log"} & set(export_model.base_metadata(plain, ck))
+
+
+def test_several_checkpoints_export_their_average(checkpoint, tmp_path):
+    """--checkpoint A B exports the mean of the two weight sets; the metadata names both."""
+    ck = torch.load(checkpoint, weights_only=False)
+    other = dict(ck, model={k: v * 3 if v.is_floating_point() else v for k, v in ck["model"].items()})
+    torch.save(other, tmp_path / "other.pt")
+    out = tmp_path / "avg.onnx"
+    assert export_model.main(["--checkpoint", str(checkpoint), str(tmp_path / "other.pt"), "--output", str(out),
+                              "--dev", ""]) == 0
+    meta = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["averaged_from"]) == [str(checkpoint), str(tmp_path / "other.pt")]
+    net, _ = export_model.load_checkpoint([checkpoint, tmp_path / "other.pt"])
+    assert torch.allclose(net.state_dict()["e1.0.weight"], 2 * ck["model"]["e1.0.weight"])
+    with pytest.raises(SystemExit, match="not found"):
+        export_model.main(["--checkpoint", str(checkpoint), str(tmp_path / "none.pt"), "--output", str(out)])
+    torch.save({"model": M.UNet(16).state_dict(), "config": {"base_ch": 16}}, tmp_path / "wide.pt")
+    with pytest.raises(SystemExit, match="not the same model"):
+        export_model.load_checkpoint([checkpoint, tmp_path / "wide.pt"])

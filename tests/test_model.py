@@ -68,3 +68,32 @@ def test_widened_input_starts_as_the_original_model():
     x = torch.randn(1, 1, 257, 26) * 3 - 5
     with torch.no_grad():
         assert torch.equal(net(x), wide(torch.cat([x, torch.randn_like(x)], 1)))
+
+
+def test_average_checkpoints_is_the_mean_of_the_weights(tmp_path):
+    torch.manual_seed(0)
+    nets = [M.UNet(8, in_ch=2) for _ in range(3)]
+    cfg = {"base_ch": 8, "floor_hops": 4, "window_samp": 3200, "context_samp": 0}
+    paths = []
+    for i, net in enumerate(nets):
+        paths.append(tmp_path / f"{i}.pt")
+        torch.save({"model": net.state_dict(), "config": cfg, "epoch": i + 1, "metrics": {"dev_stoi": 0.8}}, paths[-1])
+    ck = M.average_checkpoints(paths)
+    w = "e1.0.weight"
+    assert torch.allclose(ck["model"][w], (nets[0].e1[0].weight + nets[1].e1[0].weight + nets[2].e1[0].weight) / 3)
+    assert torch.allclose(ck["model"]["e1.1.running_mean"], sum(n.e1[1].running_mean for n in nets) / 3)
+    assert ck["config"] == cfg and ck["epoch"] == 1 and ck["metrics"] == {}
+    assert ck["averaged_from"] == [str(p) for p in paths]
+    M.UNet(8, in_ch=2).load_state_dict(ck["model"])  # loads as a model
+    one = M.average_checkpoints(paths[:1])  # one checkpoint averages to itself
+    assert all(torch.equal(one["model"][k], v) for k, v in nets[0].state_dict().items())
+
+
+def test_average_checkpoints_refuses_different_models(tmp_path):
+    cfg = {"base_ch": 8, "floor_hops": 4, "window_samp": 3200, "context_samp": 0}
+    torch.save({"model": M.UNet(8, in_ch=2).state_dict(), "config": cfg}, tmp_path / "a.pt")
+    torch.save({"model": M.UNet(16, in_ch=2).state_dict(), "config": dict(cfg, base_ch=16)}, tmp_path / "wide.pt")
+    torch.save({"model": M.UNet(8, in_ch=2).state_dict(), "config": dict(cfg, floor_hops=20)}, tmp_path / "k20.pt")
+    for other in ("wide.pt", "k20.pt"):
+        with pytest.raises(ValueError, match="not the same model"):
+            M.average_checkpoints([tmp_path / "a.pt", tmp_path / other])

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dataset
+import model as M
 import train
 from conftest import REPO
 
@@ -180,6 +181,24 @@ def test_fine_tune_with_context(tiny_corpus, tmp_path, monkeypatch):
         train.main(tiny_args(tiny_corpus, tmp_path / "x", "--init-from", str(tmp_path / "none.pt")))
     with pytest.raises(SystemExit, match="pick one"):
         train.main(tiny_args(tiny_corpus, tmp_path / "ft", *ft, "--resume"))
+
+
+def test_fine_tune_from_the_average_of_two_checkpoints(tiny_corpus, tmp_path, monkeypatch):
+    """--init-from A B starts from the mean of their weights (epoch 0 validates exactly that model)."""
+    monkeypatch.chdir(tmp_path)
+    for name, seed in (("a", "1"), ("b", "2")):
+        assert train.main(tiny_args(tiny_corpus, tmp_path / name, "--epochs", "1", "--steps-per-epoch", "2",
+                                    "--seed", seed)) == 0
+    a, b = tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt"
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "ab", "--init-from", str(a), str(b), "--epochs", "1",
+                                "--steps-per-epoch", "1", "--lr", "0", "--lr-min", "0")) == 0
+    ck = torch.load(tmp_path / "ab" / "last.pt", weights_only=False)
+    assert ck["config"]["init_from"] == f"{a} {b}"
+    mean = M.average_checkpoints([a, b])["model"]
+    # lr 0: the weights stay the average (BatchNorm's running statistics still move in the one train step)
+    assert all(torch.allclose(ck["model"][k], v) for k, v in mean.items() if k.endswith("weight"))
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "x", "--init-from", str(a), str(tmp_path / "none.pt")))
 
 
 def test_fine_tune_with_utterance_snr_and_pauses(tiny_corpus, tmp_path, monkeypatch):
