@@ -96,7 +96,8 @@ def base_metadata(net, ck=None):
         meta["step"] = ck.get("step", 0)
         if ck.get("averaged_from"):
             meta["averaged_from"] = ck["averaged_from"]
-        meta["dev_metrics"] = {k: round(v, 4) for k, v in ck.get("metrics", {}).items() if isinstance(v, float)}
+        if not ck.get("averaged_from"):  # an average was never validated as one checkpoint
+            meta["dev_metrics"] = {k: round(v, 4) for k, v in ck.get("metrics", {}).items() if isinstance(v, float)}
     if net.in_ch > 1:  # absent = no floor input (keeps older exports byte-identical)
         meta["floor_hops"] = cfg.get("floor_hops", 0)
         meta["silent_log"] = M.SILENT_LOG

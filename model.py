@@ -180,7 +180,8 @@ def average_checkpoints(paths):
     Fine-tunes that start from one checkpoint stay in one basin of the loss, so their average is a working
     model that is often better than each; runs started apart would average into noise. BatchNorm statistics
     are averaged too (a step counter is taken from the first). The config and epoch are the first one's; the
-    metrics, which no single checkpoint's validation measured, are dropped."""
+    metrics, which no single checkpoint's validation measured, are dropped. A recipe setting the checkpoints
+    differ on (a loss weight, a seed) becomes the list of their values, so the export's metadata says so."""
     cks = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
     ref, cfg = cks[0]["model"], cks[0].get("config", {})
     for path, ck in zip(paths[1:], cks[1:]):
@@ -189,7 +190,9 @@ def average_checkpoints(paths):
         if not same or any(other.get(k) != cfg.get(k) for k in ("floor_hops", "window_samp", "context_samp")):
             raise ValueError(f"{path} is not the same model as {paths[0]} (base_ch, noise floor, window and "
                              "context must match); only fine-tunes of one model average into a model")
-    out = dict(cks[0], metrics={}, averaged_from=[str(p) for p in paths])
+    configs = [ck.get("config", {}) for ck in cks]
+    mixed = {k: v if all(c.get(k) == v for c in configs) else [c.get(k) for c in configs] for k, v in cfg.items()}
+    out = dict(cks[0], config=mixed, metrics={}, averaged_from=[str(p) for p in paths])
     out["model"] = {k: sum(ck["model"][k] for ck in cks) / len(cks) if v.is_floating_point() else v
                     for k, v in ref.items()}
     return out

@@ -107,6 +107,7 @@ def test_several_checkpoints_export_their_average(checkpoint, tmp_path):
                               "--dev", ""]) == 0
     meta = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
     assert json.loads(meta["averaged_from"]) == [str(checkpoint), str(tmp_path / "other.pt")]
+    assert "dev_metrics" not in meta  # no validation ever scored the average as one checkpoint
     net, _ = export_model.load_checkpoint([checkpoint, tmp_path / "other.pt"])
     assert torch.allclose(net.state_dict()["e1.0.weight"], 2 * ck["model"]["e1.0.weight"])
     with pytest.raises(SystemExit, match="not found"):

@@ -83,6 +83,10 @@ def test_average_checkpoints_is_the_mean_of_the_weights(tmp_path):
     assert torch.allclose(ck["model"][w], (nets[0].e1[0].weight + nets[1].e1[0].weight + nets[2].e1[0].weight) / 3)
     assert torch.allclose(ck["model"]["e1.1.running_mean"], sum(n.e1[1].running_mean for n in nets) / 3)
     assert ck["config"] == cfg and ck["epoch"] == 1 and ck["metrics"] == {}
+    torch.save({"model": nets[0].state_dict(), "config": dict(cfg, stoi_weight=60.0)}, tmp_path / "s60.pt")
+    torch.save({"model": nets[1].state_dict(), "config": dict(cfg, stoi_weight=40.0)}, tmp_path / "s40.pt")
+    mixed = M.average_checkpoints([tmp_path / "s60.pt", tmp_path / "s40.pt"])["config"]
+    assert mixed["stoi_weight"] == [60.0, 40.0] and mixed["floor_hops"] == 4  # what differs is listed
     assert ck["averaged_from"] == [str(p) for p in paths]
     M.UNet(8, in_ch=2).load_state_dict(ck["model"])  # loads as a model
     one = M.average_checkpoints(paths[:1])  # one checkpoint averages to itself
