@@ -41,13 +41,10 @@ def load_checkpoint(path):
     for p in paths:
         if not p.is_file():
             raise SystemExit(f"error: checkpoint not found: {p} (train one with `python train.py`)")
-    if len(paths) == 1:
-        ck = torch.load(paths[0], map_location="cpu", weights_only=False)
-    else:
-        try:
-            ck = M.average_checkpoints(paths)
-        except ValueError as exc:
-            raise SystemExit(f"error: {exc}")
+    try:
+        ck = M.average_checkpoints(paths)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
     cfg = ck.get("config", {})
     net = M.UNet(cfg.get("base_ch", M.BASE_CH), in_ch=ck["model"]["e1.0.weight"].shape[1])
     net.load_state_dict(ck["model"])
@@ -94,9 +91,9 @@ def base_metadata(net, ck=None):
         if cfg.get("stoi_weight"):
             meta["stoi_weight"] = cfg["stoi_weight"]
         meta["step"] = ck.get("step", 0)
-        if ck.get("averaged_from"):
+        if ck.get("averaged_from"):  # an average was never validated as one checkpoint: no dev metrics
             meta["averaged_from"] = ck["averaged_from"]
-        if not ck.get("averaged_from"):  # an average was never validated as one checkpoint
+        else:
             meta["dev_metrics"] = {k: round(v, 4) for k, v in ck.get("metrics", {}).items() if isinstance(v, float)}
     if net.in_ch > 1:  # absent = no floor input (keeps older exports byte-identical)
         meta["floor_hops"] = cfg.get("floor_hops", 0)

@@ -181,8 +181,11 @@ def average_checkpoints(paths):
     model that is often better than each; runs started apart would average into noise. BatchNorm statistics
     are averaged too (a step counter is taken from the first). The config and epoch are the first one's; the
     metrics, which no single checkpoint's validation measured, are dropped. A recipe setting the checkpoints
-    differ on (a loss weight, a seed) becomes the list of their values, so the export's metadata says so."""
+    differ on (a loss weight, a seed) becomes the list of their values, so the export's metadata says so.
+    A single path comes back as saved, so callers taking one checkpoint or several need no second branch."""
     cks = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
+    if len(cks) == 1:
+        return cks[0]
     ref, cfg = cks[0]["model"], cks[0].get("config", {})
     for path, ck in zip(paths[1:], cks[1:]):
         other = ck.get("config", {})

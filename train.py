@@ -351,8 +351,7 @@ def main(argv=None):
             if not Path(path).exists():
                 raise SystemExit(f"error: --init-from but no checkpoint at {path}")
         try:
-            ck = (torch.load(args.init_from[0], map_location="cpu", weights_only=False) if len(args.init_from) == 1
-                  else M.average_checkpoints(args.init_from))
+            ck = M.average_checkpoints(args.init_from)
         except ValueError as exc:
             raise SystemExit(f"error: --init-from: {exc}")
         args.init_from = " ".join(args.init_from)  # as the config records it
