@@ -21,7 +21,7 @@ One hop of audio, top to bottom (MLChain.hop):
      noise), and the 200 ms window is weighted by a crossfade built on the periodic Hann (CROSSFADE_POWER) and
      overlap-added with the previous one (every sample's two weights sum to exactly 1: no seams, no ripple)
   -> pause cut (PAUSE_DEPTH_DB, off at 0): a hop in which the mask passes under PAUSE_BELOW_DB of the noisy
-     energy is residue between words and is turned down
+     energy is residue between words and is turned down, fading in over PAUSE_RELEASE hops after speech
   -> post-EQ (+5 dB 100 Hz..1 kHz, off by default: see EQ) -> soft gate -> OUTPUT_GAIN -> soft limiter
   -> the cable.
 Algorithmic latency is WINDOW_SAMP (200 ms): a window is only complete when its last sample has arrived,
@@ -47,15 +47,17 @@ HOP_SAMP = 1600            # new audio per model run (100 ms) = WINDOW_SAMP / 2 
 CROSSFADE_POWER = 0.3      # shape of the crossfade between windows: 1 = Hann, lower = a more even average of the
                            # two windows' estimates (dev, full chain, 1 -> 0.3: SI-SNRi +0.11 dB, PESQ-WB +0.007; README)
 SPECTRAL_FLOOR = 0.03      # lowest mask value: 0 = the model's own .. 0.18 gentle; raise if the voice sounds thin
-                           # (spec 0.12 cost the shipped chain 0.06 PESQ-WB, 0.07 OVRL, 0.09 dB SI-SNRi on dev)
-MASK_POWER = 1.0           # mask ** this before the floor: 1 = the model's own; up (1.5) = less noise, thinner speech
-                           # (floor-12 model, dev, full chain: 1.5 gave OVRL +0.02, PESQ-WB -0.06, SI-SNRi -0.2 dB)
+                           # (spec 0.12 cost the shipped chain 0.06 PESQ-WB, 0.04 OVRL, 0.11 dB SI-SNRi on dev)
+MASK_POWER = 0.9           # mask ** this before the floor: 1 = the model's own; up (1.5) = less noise, thinner speech
+                           # (dev, full chain, 1 -> 0.9: STOI +0.0008, SI-SNRi +0.05 dB, OVRL -0.02; README)
 PHASE_ITERS = 2            # Griffin-Lim rounds from the noisy phase (0 = noisy phase, as the model trains); each
                            # costs an STFT pair (dev, full chain, 0 -> 2: OVRL +0.02, SI-SNRi +0.06 dB; 4 lost SI-SNRi)
 PAUSE_DEPTH_DB = 10.0      # extra cut of a hop the mask calls noise only (0 = off); up = quieter pauses, down if
                            # soft words fade (dev, full chain: 10 clears RNNoise's OVRL; 20 costs STOI; README)
 PAUSE_BELOW_DB = -22.0     # a hop whose mask passes at most this share of the noisy energy gets the full cut
 PAUSE_ABOVE_DB = -12.0     # at or above this share the hop is speech and left alone; a smooth step between
+PAUSE_RELEASE = 5          # hops (100 ms each) over which the cut closes after speech; 1 = at once, up = gentler
+                           # (dev, full chain, 1 -> 5: STOI +0.0014, OVRL -0.004; README)
 EQ = False                 # post-EQ (--eq); spec had it on: it cost 8.5 dB SI-SNRi, 0.09 OVRL for +0.05 PESQ on dev
 EQ_GAIN_DB = 5.0           # boost between EQ_LOW_HZ and EQ_HIGH_HZ; 0..8 dB, lower if the voice booms
 EQ_LOW_HZ = 100.0          # lower edge of the boost band
@@ -165,8 +167,10 @@ class MLChain:
         if cfg.pause_depth_db < 0 or not cfg.pause_below_db < cfg.pause_above_db:
             raise dsp.AudioError("PAUSE_DEPTH_DB must be >= 0 (0 = off) and PAUSE_BELOW_DB below PAUSE_ABOVE_DB, "
                                  f"not {cfg.pause_depth_db}, {cfg.pause_below_db}, {cfg.pause_above_db}")
-        self.pause = (dsp.Gate(10 ** (cfg.pause_below_db / 20), 10 ** (cfg.pause_above_db / 20), 0, 1,
-                               cfg.pause_depth_db, cfg.gate_attack_samp, cfg.hop_samp)
+        if not cfg.pause_release >= 1:
+            raise dsp.AudioError(f"PAUSE_RELEASE must be at least 1 hop, not {cfg.pause_release}")
+        self.pause = (dsp.Gate(10 ** (cfg.pause_below_db / 20), 10 ** (cfg.pause_above_db / 20), 0,
+                               cfg.pause_release, cfg.pause_depth_db, cfg.gate_attack_samp, cfg.hop_samp)
                       if cfg.pause_depth_db and not model_only else None)
         self.pause_newer = np.zeros(2)  # the last window's newer half: energy passed by the mask, noisy energy
         self.stft = dsp.WindowSTFT(self.context + cfg.window_samp, cfg.n_fft, cfg.stft_hop_samp)
@@ -228,7 +232,8 @@ class MLChain:
         as the room still being there. The hop that leaves now is the previous window's newer half plus
         this window's older half, so the share is taken over exactly those frames. It is a gate keyed on
         that share instead of the level: it opens within GATE_ATTACK_SAMP, so a word's first syllable is
-        not cut, and closes over one hop."""
+        not cut, and closes over PAUSE_RELEASE hops, because the model also calls the weak hops inside a word
+        at low SNR noise, and a cut that fell at once would chop them out (STOI counts each such dip)."""
         frames = self.cfg.window_samp // self.cfg.stft_hop_samp + 1  # the window's frames; context comes first
         noisy = np.square(mag[:, -frames:])
         passed = noisy * np.square(mask[:, -frames:])

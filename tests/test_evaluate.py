@@ -230,7 +230,7 @@ def test_ml_variant_runs_the_pipeline_with_changed_constants(tmp_path, capsys):
     clean, noisy = load(PAIR)
     noisy = noisy[:3 * ev.SAMPLE_RATE]
     args = ev.build_parser().parse_args(["--noisy", "unused", "--model", str(model)])
-    flags = "--no-eq --no-gate --input-gain 1 --output-gain 1"
+    flags = "--no-eq --no-gate --input-gain 1 --output-gain 1 --mask-power 1"
     method = ev.setup_ml_variant(args, "transparent", flags)
     assert method.latency_ms == ml.latency_ms()
     assert np.abs(method.process(noisy.copy()) - noisy).max() < 1e-3

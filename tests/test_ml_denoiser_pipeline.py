@@ -274,7 +274,8 @@ def test_mask_power_deepens_a_partial_mask(tmp_path, tiny_onnx_factory):
         y = P.MLChain(cfg).process(x)
         return np.sqrt(np.mean(y[d:] ** 2) / np.mean(x[:-d] ** 2))
 
-    assert gain() == pytest.approx(0.5, rel=0.02)
+    assert gain(mask_power=1.0) == pytest.approx(0.5, rel=0.02)
+    assert gain() == pytest.approx(0.5 ** P.MASK_POWER, rel=0.02)  # the default applies
     assert gain(mask_power=2.0) == pytest.approx(0.25, rel=0.02)
     assert gain(mask_power=2.0, spectral_floor=0.4) == pytest.approx(0.4, rel=0.02)
     cfg = P.default_config(model=str(model), mask_power=2.0)
@@ -370,7 +371,7 @@ def test_pause_cut_turns_down_only_what_the_mask_calls_noise(tmp_path, tiny_onnx
     energy, leaves a hop alone above PAUSE_ABOVE_DB, and leaves speech after a pause untouched."""
     def gain(model, x, start, stop, **kw):
         cfg = P.default_config(**{"model": str(model), "gate": False, "input_gain": 1.0, "output_gain": 1.0,
-                                  "spectral_floor": 0.0, **kw})
+                                  "spectral_floor": 0.0, "mask_power": 1.0, **kw})
         y = P.dsp.process_offline(P.MLChain(cfg), x)
         return np.sqrt(np.mean(y[start:stop] ** 2) / np.mean(x[start:stop] ** 2))
 
@@ -398,3 +399,32 @@ def test_pause_cut_turns_down_only_what_the_mask_calls_noise(tmp_path, tiny_onnx
     for bad in ({"pause_depth_db": -3.0}, {"pause_below_db": -10.0, "pause_above_db": -12.0}):
         with pytest.raises(dsp.AudioError, match="PAUSE_DEPTH_DB must be >= 0"):
             P.MLChain(P.default_config(model=str(model), **bad))
+
+
+def test_pause_cut_closes_over_pause_release_hops(tmp_path):
+    """After speech the cut does not fall at once but over PAUSE_RELEASE hops, a steady step in dB per hop,
+    so weak hops inside a word that the model calls noise are dimmed, not dropped; 0 hops is refused."""
+    rate, hop = 16000, 1600
+    rng = np.random.default_rng(1)
+    x = (0.003 * rng.standard_normal(4 * rate)).astype(np.float32)
+    x[:2 * rate] += tone(440, 2.0, amp=0.3)  # speech (the mask passes it) for 2 s, then noise only
+    model = _level_mask_model(tmp_path / "level.onnx")
+
+    def hop_gains_db(**kw):
+        cfg = dict(model=str(model), gate=False, input_gain=1.0, output_gain=1.0, spectral_floor=0.0)
+        ref = P.dsp.process_offline(P.MLChain(P.default_config(**cfg, pause_depth_db=0.0)), x)
+        y = P.dsp.process_offline(P.MLChain(P.default_config(**cfg, pause_depth_db=12.0, **kw)), x)
+        y, ref = (a[:len(x) // hop * hop].reshape(-1, hop) for a in (y, ref))
+        return 10 * np.log10(np.mean(y ** 2, axis=1) / np.mean(ref ** 2, axis=1))
+
+    at_once = hop_gains_db(pause_release=1)
+    first_cut = int(np.argmax(at_once < -11.9))  # the first hop the immediate cut has fully closed on
+    assert 15 < first_cut < 25 and np.allclose(at_once[:first_cut - 1], 0.0, atol=0.05)
+    assert np.allclose(at_once[first_cut:], -12.0, atol=0.05)
+    slow = hop_gains_db(pause_release=5)
+    assert np.allclose(slow[:first_cut - 1], 0.0, atol=0.05)  # speech untouched
+    steps = np.diff(slow[first_cut - 1:first_cut + 4])
+    assert np.all(steps < -1.5) and np.all(steps > -3.0)  # about 12 dB / 5 per hop
+    assert slow[first_cut + 3] > -11.5 and np.allclose(slow[first_cut + 5:], -12.0, atol=0.05)
+    with pytest.raises(dsp.AudioError, match="PAUSE_RELEASE must be at least 1"):
+        P.MLChain(P.default_config(model=str(model), pause_release=0))
