@@ -18,7 +18,8 @@ last 2 s as a second input channel, if set), a 512-point Hann STFT with
 is SI-SNR of the waveform rebuilt from mask x noisy magnitude with the noisy phase, so the model is judged
 on the audio a listener hears, phase errors included, rather than on a magnitude it never outputs.
 Validation each epoch: SI-SNR on a fixed synthetic set, and SI-SNR improvement, PESQ-WB and STOI on the paired
-dev set run through the pipeline's 50%-overlap windowing; the best dev PESQ is kept as best.pt.
+dev sets (DEV_DIR and the real recordings of DEV_REAL_DIR) run through the pipeline's 50%-overlap windowing;
+best.pt keeps the epoch with the best mean over both sets (SELECT_SNR_WEIGHT), and each epoch is kept too.
 Runs on CUDA (bf16 autocast), Apple MPS or CPU, picked automatically. Constants below; flags override.
 """
 import argparse
@@ -40,7 +41,9 @@ import model as M
 
 SPEECH_DIR = "../shared/data/train/speech"   # clean speech, searched recursively
 NOISE_DIR = "../shared/data/train/noise"     # noise recordings, searched recursively
+KEYS_DIR = "../shared/data/train/noise_events/keyboard"  # key one-shots for typing noise ("" for none)
 DEV_DIR = "../shared/data/dev"               # paired clean/ and noisy/ for validation ("" to skip)
+DEV_REAL_DIR = "../shared/data/dev_real"     # real recorded pairs, validated beside DEV_DIR ("" or absent: skip)
 OUT_DIR = "checkpoints"                      # last.pt, best.pt and train_log.csv go here
 SEGMENT_SAMP = 3200        # training window; 3200 = the pipeline's window (longer segments lost ~1 dB on it)
 CONTEXT_SAMP = 0           # past samples before each window (noise memory), 0 = spec; 3200 was no better on dev
@@ -63,7 +66,10 @@ PAUSE_FLOOR_DB = -30.0     # a pause window's loss is its output/input energy in
 EMA_DECAY = 0.0            # validate/keep a running average of the weights (0 = off, spec); 0.999 ~ last 1000 steps
 GRAD_CLIP = 5.0            # max gradient norm; SI-SNR gradients spike on near-silent windows
 VAL_EXAMPLES = 256         # fixed synthetic validation windows
-DEV_FILES = 40             # dev pairs scored each epoch (0 = none); PESQ-WB costs ~0.3 s a file
+DEV_FILES = 40             # pairs of each dev set scored each epoch (0 = none); PESQ-WB costs ~0.3 s a file
+SELECT_SNR_WEIGHT = 0.1    # best.pt maximises the mean over the dev sets of PESQ-WB + this x SI-SNRi (dB):
+                           # 0.1 values 1 dB of noise removed as much as 0.1 PESQ; raise it to favour removal
+KEEP_EPOCHS = True         # also keep each epoch's weights as epochN.pt, to compare epochs with the full chain
 SEED = 1234                # data and init seed; each DDP rank offsets it
 NUM_THREADS = 0            # CPU threads for torch; 0 = all cores
 BASE_CH = M.BASE_CH        # U-Net width; see model.py
@@ -169,32 +175,38 @@ def enhance_windowed(net, noisy, window=SEGMENT_SAMP, context=0, batch=256, floo
 def validation_set(mixer, n, seed):
     """The fixed synthetic validation windows, drawn like the training ones but never pauses (SI-SNR needs
     speech in every window: on silence it reads a meaningless -80 dB), never augmented and always at the
-    default SNR range (so runs with other mixing options validate on the same windows)."""
-    speech_only = copy.copy(mixer)
-    speech_only.pause_prob = speech_only.filter_aug_prob = speech_only.speed_aug = 0.0
-    speech_only.snr_range_db = dataset.SNR_RANGE_DB
-    return dataset.fixed_set(speech_only, n, seed)
+    default SNR range and level (so runs with other mixing options validate on the same windows)."""
+    plain = copy.copy(mixer)
+    for key, value in dataset.PLAIN.items():
+        if key != "snr_span":
+            setattr(plain, key, value)
+    return dataset.fixed_set(plain, n, seed)
 
 
 @torch.no_grad()
-def validate(net, val, dev, device, context=0, floor_hops=0, window=SEGMENT_SAMP):
+def validate(net, val, devs, device, context=0, floor_hops=0, window=SEGMENT_SAMP):
+    """SI-SNR on the fixed synthetic windows, and per dev set ({name: pairs}) SI-SNRi, PESQ-WB and STOI of the
+    model run as the pipeline runs it; "select" is the mean over the sets of PESQ-WB + SELECT_SNR_WEIGHT x SI-SNRi."""
     net.eval()
     noisy, clean = (torch.from_numpy(a).to(device) for a in val)
     est = torch.cat([M.enhance(net, noisy[i:i + 64], floor_hops, window)[0][:, -window:]
                      for i in range(0, len(noisy), 64)])
     row = {"val_si_snr": si_snr(est, clean[:, -window:]).mean().item()}
-    if dev:
+    if devs:
         import evaluate  # the same PESQ and STOI scoring as the published figures
+    for name, pairs in devs.items():
         gains, pesqs, stois = [], [], []
-        for _, nz, cl, _ in dev:
+        for _, nz, cl, _ in pairs:
             out = enhance_windowed(net, torch.from_numpy(nz).to(device), window, context, floor_hops=floor_hops).cpu()
             ref = torch.from_numpy(cl)
             gains.append((si_snr(out[None], ref[None]) - si_snr(torch.from_numpy(nz)[None], ref[None])).item())
             pesqs.append(evaluate.pesq_wb(cl, out.numpy())[0])
             stois.append(evaluate.stoi_score(cl, out.numpy())[0])
-        row["dev_si_snri"] = float(np.mean(gains))
-        row["dev_pesq_wb"] = float(np.nanmean(pesqs))
-        row["dev_stoi"] = float(np.nanmean(stois))
+        row[f"{name}_si_snri"] = float(np.mean(gains))
+        row[f"{name}_pesq_wb"] = float(np.nanmean(pesqs))
+        row[f"{name}_stoi"] = float(np.nanmean(stois))
+    if devs:
+        row["select"] = float(np.mean([row[f"{n}_pesq_wb"] + SELECT_SNR_WEIGHT * row[f"{n}_si_snri"] for n in devs]))
     net.train()
     return row
 
@@ -205,6 +217,10 @@ def pick_device():
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+# Mixing options whose flag is not simply the option's name.
+MIXING_FLAGS = {"snr_range_db": "snr_range", "snr_focus_db": "snr_focus", "speech_level_dbfs": "speech_level"}
 
 
 def build_parser():
@@ -226,16 +242,18 @@ def build_parser():
     ap.add_argument("--lr-min", type=float, default=LR_MIN)
     ap.add_argument("--ema-decay", type=float, default=EMA_DECAY, help="weight averaging (EMA_DECAY), 0 = off")
     ap.add_argument("--grad-clip", type=float, default=GRAD_CLIP)
-    ap.add_argument("--snr-span", choices=["window", "utterance"], default=dataset.SNR_SPAN,
-                    help="what the mixing SNR is measured over (dataset.SNR_SPAN)")
-    ap.add_argument("--pause-prob", type=float, default=dataset.PAUSE_PROB,
-                    help="share of noise-only windows (dataset.PAUSE_PROB)")
-    ap.add_argument("--snr-range", type=float, nargs=2, default=dataset.SNR_RANGE_DB, metavar=("LOW", "HIGH"),
-                    help="mixture SNR drawn uniformly in LOW..HIGH dB (dataset.SNR_RANGE_DB)")
-    ap.add_argument("--filter-aug-prob", type=float, default=dataset.FILTER_AUG_PROB,
-                    help="share of speech and noise segments given a random EQ (dataset.FILTER_AUG_PROB)")
-    ap.add_argument("--speed-aug", type=float, default=dataset.SPEED_AUG,
-                    help="speech speed drawn in 1 +- this (dataset.SPEED_AUG)")
+    ap.add_argument("--keys", default=KEYS_DIR, help="keyboard one-shots for typing noise; '' for none")
+    ap.add_argument("--dev-real", default=DEV_REAL_DIR, help="real recorded pairs validated beside --dev; '' to skip")
+    for key, default in dataset.MIXING.items():  # one flag per mixing option, named after dataset.py's constant
+        flag = "--" + MIXING_FLAGS.get(key, key).replace("_", "-")
+        help = f"dataset.{key.upper()}"
+        if isinstance(default, str):
+            ap.add_argument(flag, dest=key, choices=["window", "utterance"], default=default, help=help)
+        elif isinstance(default, tuple):
+            kind = int if all(isinstance(v, int) for v in default) else float
+            ap.add_argument(flag, dest=key, type=kind, nargs=2, default=default, metavar=("LOW", "HIGH"), help=help)
+        else:
+            ap.add_argument(flag, dest=key, type=float, default=default, help=help)
     ap.add_argument("--loss", choices=["si-snr", "snr"], default=LOSS, help="per-window loss (LOSS)")
     ap.add_argument("--mag-weight", type=float, default=MAG_WEIGHT, help="compressed-magnitude term (MAG_WEIGHT)")
     ap.add_argument("--mag-power", type=float, default=MAG_POWER)
@@ -254,22 +272,24 @@ def build_parser():
 # What makes a run that run: checkpoint config key -> flag. --resume takes these from last.pt, so a resumed run
 # mixes, scores and schedules exactly as before; a flag given with --resume that says otherwise is refused.
 RECIPE = {"base_ch": "base_ch", "window_samp": "segment_samp", "context_samp": "context_samp",
-          "floor_hops": "floor_hops", "floor_start_prob": "floor_start_prob", "snr_range_db": "snr_range",
-          "snr_span": "snr_span", "pause_prob": "pause_prob", "filter_aug_prob": "filter_aug_prob",
-          "speed_aug": "speed_aug", "pause_floor_db": "pause_floor_db", "loss": "loss", "mag_weight": "mag_weight",
-          "mag_power": "mag_power", "stoi_weight": "stoi_weight", "ema_decay": "ema_decay", "seed": "seed",
-          "batch_size": "batch_size", "steps_per_epoch": "steps_per_epoch"}
+          "floor_hops": "floor_hops", "floor_start_prob": "floor_start_prob", "pause_floor_db": "pause_floor_db",
+          "loss": "loss", "mag_weight": "mag_weight", "mag_power": "mag_power", "stoi_weight": "stoi_weight",
+          "ema_decay": "ema_decay", "seed": "seed", "batch_size": "batch_size", "steps_per_epoch": "steps_per_epoch",
+          **{key: key for key in dataset.MIXING}}
 
 
 def adopt_recipe(args, argv, ck, path):
-    """Set args' recipe flags from the checkpoint being resumed. Keys an older checkpoint lacks keep the flag's
-    value: the option did not exist then, so its default is what that run used."""
+    """Set args' recipe flags from the checkpoint being resumed. A mixing option an older checkpoint lacks did
+    not exist when it was made, so that run mixed without it: it is resumed switched off (dataset.PLAIN); other
+    keys it lacks keep the flag's value."""
     unset = object()  # argparse leaves a namespace's preset attributes alone unless the flag is given
     parsed = build_parser().parse_args(argv, argparse.Namespace(**dict.fromkeys(RECIPE.values(), unset)))
     given = {dest: value for dest, value in vars(parsed).items() if value is not unset}
     same = lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else v
     for key, dest in RECIPE.items():
         if key not in ck["config"]:
+            if key in dataset.PLAIN and dest not in given:
+                setattr(args, dest, dataset.PLAIN[key])
             continue
         saved = same(ck["config"][key])
         if dest in given and same(given[dest]) != saved:
@@ -300,7 +320,9 @@ def main(argv=None):
     past = M.floor_past(args.floor_hops, args.segment_samp) if args.floor_hops else args.context_samp
     if not 0.0 <= args.ema_decay < 1.0:
         raise SystemExit(f"error: --ema-decay must be in [0, 1), not {args.ema_decay}")
-    dataset.check_mixing(tuple(args.snr_range), args.snr_span, args.pause_prob, args.filter_aug_prob, args.speed_aug)
+    mixing = {key: tuple(getattr(args, key)) if isinstance(getattr(args, key), (list, tuple)) else getattr(args, key)
+              for key in dataset.MIXING}
+    dataset.check_mixing(**mixing)
     if args.mag_weight < 0 or not 0 < args.mag_power <= 2 or args.stoi_weight < 0:
         raise SystemExit("error: --mag-weight and --stoi-weight must be >= 0 and --mag-power in (0, 2]")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -318,23 +340,30 @@ def main(argv=None):
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
 
-    speech = dataset.load_corpus(args.speech)
+    speech, groups = dataset.load_corpus(args.speech, groups=True)
     noise = dataset.load_corpus(args.noise, min_rms=dataset.SILENT_FILE_RMS)
+    keys = []
+    if args.keys and (args.keys != KEYS_DIR or Path(args.keys).is_dir()):  # the default is optional, a flag is not
+        keys = dataset.load_key_events(args.keys)
     # Each example is context + window long; only the window's output is scored, as the pipeline only keeps it.
     mixer = dataset.Mixer(speech, noise, past + args.segment_samp, scored_samp=args.segment_samp,
-                          snr_range_db=tuple(args.snr_range), snr_span=args.snr_span, pause_prob=args.pause_prob,
-                          filter_aug_prob=args.filter_aug_prob, speed_aug=args.speed_aug)
+                          speech_groups=groups, key_events=keys, **mixing)
     val = validation_set(mixer, args.val_examples, seed=args.seed + 999)
-    dev = []
-    if main_proc and args.dev and args.dev_files > 0:
-        dev = dataset.load_pairs(args.dev)[: args.dev_files]
+    devs = {}
+    if main_proc and args.dev_files > 0:
+        if args.dev:
+            devs["dev"] = dataset.load_pairs(args.dev)[: args.dev_files]
+        if args.dev_real and Path(args.dev_real).is_dir():
+            devs["dev_real"] = dataset.load_pairs(args.dev_real)[: args.dev_files]
     hours = lambda clips: sum(len(c) for c in clips) / M.SAMPLE_RATE / 3600
-    data_summary = (f"speech {len(speech)} files {hours(speech):.2f} h from {args.speech}; "
-                    f"noise {len(noise)} files {hours(noise):.2f} h from {args.noise}; "
-                    f"SNR {args.snr_range[0]:g}..{args.snr_range[1]:g} dB over the {args.snr_span}; "
-                    f"pause windows {args.pause_prob:g}"
-                    + (f"; random EQ on {args.filter_aug_prob:g} of segments" if args.filter_aug_prob else "")
-                    + (f"; speech speed 1+-{args.speed_aug:g}" if args.speed_aug else ""))
+    data_summary = (f"speech {len(speech)} files {hours(speech):.2f} h in {len(set(groups))} sources from "
+                    f"{args.speech}; noise {len(noise)} files {hours(noise):.2f} h from {args.noise}; "
+                    f"{len(keys)} keys for typing; SNR {args.snr_range_db[0]:g}..{args.snr_range_db[1]:g} dB over "
+                    f"the {args.snr_span}, {args.snr_focus_share:g} of them in {args.snr_focus_db[0]:g}.."
+                    f"{args.snr_focus_db[1]:g}; speech at {args.speech_level_dbfs[0]:g}..{args.speech_level_dbfs[1]:g}"
+                    f" dBFS; babble {args.babble_prob:g}, typing {mixer.typing_prob:g}, two noises "
+                    f"{args.two_noise_prob:g}, level swing {args.level_swing_prob:g}, mic colour "
+                    f"{args.mic_colour_prob:g}, clipped {args.clip_prob:g}, pause windows {args.pause_prob:g}")
 
     torch.manual_seed(args.seed)
     in_ch = 2 if args.floor_hops else 1
@@ -406,7 +435,7 @@ def main(argv=None):
     if main_proc and step == 0:  # the untrained baseline, so the log shows what training bought
         base = {"epoch": 0, "step": 0, "train_loss": float("nan"), "lr": args.lr, "audio_s_per_s": float("nan"),
                 "epoch_minutes": 0.0}
-        base.update(validate(scored, val, dev, device, args.context_samp, args.floor_hops, args.segment_samp))
+        base.update(validate(scored, val, devs, device, args.context_samp, args.floor_hops, args.segment_samp))
         log(base)
 
     from tqdm import tqdm
@@ -461,16 +490,16 @@ def main(argv=None):
         row = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
                "audio_s_per_s": len(losses) * args.batch_size * args.segment_samp / M.SAMPLE_RATE / secs,
                "epoch_minutes": secs / 60}
-        row.update(validate(scored, val, dev, device, args.context_samp, args.floor_hops, args.segment_samp))
-        score = row.get("dev_pesq_wb", row["val_si_snr"])
+        row.update(validate(scored, val, devs, device, args.context_samp, args.floor_hops, args.segment_samp))
+        score = row.get("select", row["val_si_snr"])
         is_best = score > best
         best = max(best, score)
         config = {"base_ch": args.base_ch, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
                   "sample_rate": M.SAMPLE_RATE, "window_samp": args.segment_samp, "log_eps": M.LOG_EPS,
                   "context_samp": args.context_samp, "floor_hops": args.floor_hops,
-                  "init_from": args.init_from or "", "snr_range_db": list(args.snr_range), "snr_span": args.snr_span,
-                  "pause_prob": args.pause_prob, "filter_aug_prob": args.filter_aug_prob,
-                  "speed_aug": args.speed_aug, "pause_floor_db": args.pause_floor_db, "loss": args.loss,
+                  "init_from": args.init_from or "", **{k: list(v) if isinstance(v, tuple) else v
+                                                         for k, v in mixing.items()},
+                  "pause_floor_db": args.pause_floor_db, "loss": args.loss,
                   "mag_weight": args.mag_weight, "mag_power": args.mag_power, "stoi_weight": args.stoi_weight,
                   "ema_decay": args.ema_decay, "floor_start_prob": args.floor_start_prob, "seed": args.seed,
                   "batch_size": args.batch_size, "steps_per_epoch": args.steps_per_epoch, "data": data_summary}
@@ -480,6 +509,9 @@ def main(argv=None):
             ck["ema"] = ema.state_dict()
         torch.save(ck, last_path.with_suffix(".tmp"))
         os.replace(last_path.with_suffix(".tmp"), last_path)  # a kill mid-save never corrupts last.pt
+        if KEEP_EPOCHS and finished_epoch:
+            torch.save({"model": scored.state_dict(), "config": config, "metrics": row, "epoch": epoch, "step": step},
+                       out / f"epoch{epoch}.pt")
         if is_best:
             torch.save({"model": scored.state_dict(), "config": config, "metrics": row, "epoch": epoch, "step": step},
                        best_path.with_suffix(".tmp"))

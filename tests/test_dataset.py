@@ -34,7 +34,9 @@ def test_mixer_hits_requested_snr(tiny_corpus, tmp_path):
     noise = dataset.load_corpus(tiny_corpus / "noise", cache_dir=tmp_path, min_rms=dataset.SILENT_FILE_RMS)
     rng = np.random.default_rng(0)
     for snr in (-5.0, 0.0, 7.5, 20.0):
-        mixer = dataset.Mixer(speech, noise, 3200, snr_range_db=(snr, snr), two_noise_prob=0.5)
+        # Every call-like option that keeps the SNR meaningful is on (clipping would change it).
+        mixer = dataset.Mixer(speech, noise, 3200, snr_range_db=(snr, snr), two_noise_prob=0.5, babble_prob=0.3,
+                              level_swing_prob=0.5, mic_colour_prob=0.5, clip_prob=0.0)
         for _ in range(20):
             noisy, clean = mixer.sample(rng)
             measured = 20 * np.log10(dataset.rms(clean) / dataset.rms(noisy - clean))
@@ -91,7 +93,7 @@ def test_utterance_snr_is_measured_over_the_whole_file():
     slices = np.lib.stride_tricks.sliding_window_view(utterance, 3200)
     local = []
     for span in ("window", "utterance"):
-        mixer = dataset.Mixer([utterance], noise, 3200, snr_range_db=(5, 5), two_noise_prob=0.0, snr_span=span)
+        mixer = dataset.Mixer([utterance], noise, 3200, **dict(dataset.PLAIN, snr_range_db=(5, 5), snr_span=span))
         for _ in range(20):
             noisy, clean = mixer.sample(rng)
             local_snr = 20 * np.log10(dataset.rms(clean) / dataset.rms(noisy - clean))
@@ -108,7 +110,7 @@ def test_utterance_snr_is_measured_over_the_whole_file():
 def test_pause_windows_are_noise_at_its_mixed_level(tiny_corpus, tmp_path):
     speech = dataset.load_corpus(tiny_corpus / "speech", cache_dir=tmp_path)
     noise = dataset.load_corpus(tiny_corpus / "noise", cache_dir=tmp_path, min_rms=dataset.SILENT_FILE_RMS)
-    mixer = dataset.Mixer(speech, noise, 3200, pause_prob=0.3)
+    mixer = dataset.Mixer(speech, noise, 3200, pause_prob=0.3, clip_prob=0.0)
     noisy, clean = dataset.fixed_set(mixer, 200, seed=3)
     pause = ~clean.any(axis=1)
     assert 35 < pause.sum() < 85  # about 30%
@@ -129,48 +131,161 @@ def dominant_hz(x, rate=16000):
     return np.argmax(spectrum) * rate / len(x)
 
 
-def test_speed_augmentation_scales_pitch_within_its_range():
-    """SPEED_AUG plays the speech faster or slower: a 1 kHz tone comes out between 900 and 1100 Hz at +-10%,
-    spread over that range, the window keeps its length and the SNR still holds."""
+def band_db(x, low_hz, high_hz, rate=16000):
+    power = np.abs(np.fft.rfft(x)) ** 2
+    f = np.fft.rfftfreq(len(x), 1 / rate)
+    return 10 * np.log10(power[(f >= low_hz) & (f < high_hz)].sum() + 1e-20)
+
+
+def plain(**changes):
+    return dict(dataset.PLAIN, **changes)
+
+
+def tones_by_source(n_per=3, seconds=1.0):
+    """Speech stand-ins whose source shows in their pitch: source a is 500 Hz, b 1500 Hz, c 2500 Hz, d 3500 Hz."""
+    t = np.arange(int(seconds * 16000)) / 16000
+    speech, groups = [], []
+    for g, hz in zip("abcd", (500, 1500, 2500, 3500)):
+        for i in range(n_per):
+            speech.append((0.1 * np.sin(2 * np.pi * hz * t + i)).astype(np.float32))
+            groups.append(g)
+    return speech, groups
+
+
+def test_babble_is_other_talkers_never_the_targets_source():
+    """BABBLE_PROB: the noise is 3-8 talkers drawn from other sources than the target's (its speaker
+    cannot be among them), each at about one level."""
+    speech, groups = tones_by_source()
+    noise = [np.zeros(16000, np.float32) + 1e-3]
+    mixer = dataset.Mixer(speech, noise, 8000, speech_groups=groups, **plain(babble_prob=1.0, snr_range_db=(0, 0)))
     rng = np.random.default_rng(0)
-    tone = np.sin(2 * np.pi * 1000 * np.arange(64000) / 16000).astype(np.float32)
-    noise = [0.1 * rng.standard_normal(32000).astype(np.float32)]
-    plain = dataset.Mixer([tone], noise, 6400, snr_range_db=(10, 10), two_noise_prob=0.0)
-    fast = dataset.Mixer([tone], noise, 6400, snr_range_db=(10, 10), two_noise_prob=0.0, speed_aug=0.1)
-    assert {round(dominant_hz(plain.sample(rng)[1])) for _ in range(5)} == {1000}
-    pitches = []
+    talkers = set()
     for _ in range(40):
-        noisy, clean = fast.sample(rng)
-        assert len(clean) == len(noisy) == 6400
-        assert abs(20 * np.log10(dataset.rms(clean) / dataset.rms(noisy - clean)) - 10) < 0.1
-        pitches.append(dominant_hz(clean))
-    assert 895 <= min(pitches) < 960 and 1040 < max(pitches) <= 1105
+        noisy, clean = mixer.sample(rng)
+        babble, target = noisy - clean, dominant_hz(clean)
+        assert abs(20 * np.log10(dataset.rms(clean) / dataset.rms(babble))) < 0.1
+        assert band_db(babble, target - 100, target + 100) < band_db(babble, 0, 8000) - 30  # not the target's
+        present = [hz for hz in (500, 1500, 2500, 3500) if band_db(babble, hz - 100, hz + 100) >
+                   band_db(babble, 0, 8000) - 20]
+        assert present and target not in present
+        talkers.add(len(present))
+    assert talkers == {1, 2, 3}  # three other sources to draw 3-8 talkers from, in every combination
+    # With a single source (the download_dataset.py layout), babble is drawn from other files of it.
+    one = dataset.Mixer(speech[:3], noise, 8000, **plain(babble_prob=1.0))
+    noisy, clean = one.sample(rng)
+    assert dataset.rms(noisy - clean) > 0
 
 
-def test_filter_augmentation_reshapes_speech_and_noise_at_the_same_snr(tiny_corpus, tmp_path):
-    """FILTER_AUG_PROB: white noise comes out tilted (low band against high band varies by several dB from
-    example to example) where without it it stays flat; the requested SNR holds; off, the stream is the spec's."""
-    speech = dataset.load_corpus(tiny_corpus / "speech", cache_dir=tmp_path)
-    white = [np.random.default_rng(1).standard_normal(64000).astype(np.float32)]
+def key_events():
+    """Two synthetic keys: a 20 ms click on press, a quieter 10 ms one on release."""
+    rng = np.random.default_rng(5)
+    click = lambda ms, amp: (amp * rng.standard_normal(ms * 16) * np.exp(-np.arange(ms * 16) / 60)).astype(np.float32)
+    return [(click(20, 0.5), click(10, 0.2)), (click(20, 0.4), click(10, 0.15))]
 
-    def tilts(mixer):
-        rng, out = np.random.default_rng(2), []
+
+def test_typing_comes_in_bursts_at_human_rates(tmp_path):
+    """TYPING_PROB: key presses (each followed by its release) 80-350 ms apart in bursts with pauses between;
+    load_key_events pairs bucklespring's <key>-1 / <key>-0 files."""
+    import soundfile as sf
+    for k, (press, release) in enumerate(key_events()):
+        sf.write(tmp_path / f"{k:02x}-1.flac", press, 16000)
+        sf.write(tmp_path / f"{k:02x}-0.flac", release, 16000)
+    keys = dataset.load_key_events(tmp_path)
+    assert len(keys) == 2 and all(len(p) == 320 and len(r) == 160 for p, r in keys)
+    speech = [0.05 * np.random.default_rng(0).standard_normal(160000).astype(np.float32)]
+    mixer = dataset.Mixer(speech, [np.ones(100, np.float32)], 64000, key_events=keys, **plain(typing_prob=1.0))
+    rng = np.random.default_rng(1)
+    rates, longest_gaps = [], []
+    for _ in range(20):
+        noisy, clean = mixer.sample(rng)
+        frames = (noisy - clean)[:64000].reshape(-1, 80)  # 5 ms frames
+        loud = np.sqrt((frames ** 2).mean(1)) > 0.05 * np.sqrt((frames ** 2).mean(1)).max()
+        onsets = np.flatnonzero(loud[1:] & ~loud[:-1]) + 1
+        rates.append(len(onsets) / 2 / 4.0)  # a press and a release per key, over 4 s
+        longest_gaps.append(np.diff(onsets).max() * 0.005 if len(onsets) > 1 else 4.0)
+    assert 1.0 < np.mean(rates) < 10.0  # 1-10 keys a second: people type 3-7
+    assert np.mean(np.array(longest_gaps) >= 0.3) > 0.7  # pauses between bursts
+    no_keys = dataset.Mixer(speech, [np.ones(100, np.float32)], 64000, **plain(typing_prob=1.0))
+    assert no_keys.typing_prob == 0.0
+
+
+def test_clipping_and_speech_level():
+    """CLIP_PROB drives the input past full scale and clips it (the target keeps its shape); otherwise the
+    peak stays under full scale; SPEECH_LEVEL_DBFS spreads the speech over its range."""
+    rng = np.random.default_rng(0)
+    speech = [0.1 * rng.standard_normal(64000).astype(np.float32)]
+    noise = [0.1 * rng.standard_normal(64000).astype(np.float32)]
+    clipping = dataset.Mixer(speech, noise, 3200, **plain(clip_prob=1.0))
+    for _ in range(10):
+        noisy, clean = clipping.sample(rng)
+        assert np.abs(noisy).max() == 1.0 and (np.abs(noisy) == 1.0).sum() > 3
+        assert np.abs(clean).max() > 0  # the target is not clipped with it
+    levels = []
+    level = dataset.Mixer(speech, noise, 3200, **plain(snr_range_db=(20, 20)))
+    for _ in range(200):
+        noisy, clean = level.sample(rng)
+        assert np.abs(noisy).max() <= 0.99 + 1e-6
+        levels.append(20 * np.log10(dataset.rms(clean)))
+    assert min(levels) < -42 and max(levels) > -16 and max(levels) < -10 + 0.01
+
+
+def test_snr_draws_favour_the_focus_band():
+    rng = np.random.default_rng(0)
+    speech = [0.1 * rng.standard_normal(64000).astype(np.float32)]
+    noise = [0.1 * rng.standard_normal(64000).astype(np.float32)]
+    share = {}
+    for focus in (0.0, 0.6, 1.0):
+        mixer = dataset.Mixer(speech, noise, 3200, **plain(snr_focus_share=focus))
+        snrs = np.array([mixer.draw_snr(rng) for _ in range(4000)])
+        assert snrs.min() >= -5 and snrs.max() <= 20
+        share[focus] = np.mean(snrs <= 10)
+    assert abs(share[0.0] - 0.6) < 0.03 and abs(share[0.6] - 0.84) < 0.03 and share[1.0] == 1.0
+    narrow = dataset.Mixer(speech, noise, 3200, **plain(snr_range_db=(15, 15), snr_focus_share=1.0))
+    assert narrow.draw_snr(rng) == 15  # a range outside the focus band is drawn as asked
+
+
+def test_mic_colour_shapes_speech_and_noise_alike():
+    """MIC_COLOUR_PROB: white speech and white noise come out tilted, the two alike (one microphone hears both),
+    some band-limited below 8 kHz, at the requested SNR; off, the noise stays flat."""
+    rng = np.random.default_rng(0)
+    speech = [rng.standard_normal(64000).astype(np.float32)]
+    noise = [rng.standard_normal(64000).astype(np.float32)]
+    tilts, limited = {0.0: [], 1.0: []}, 0
+    for prob in (0.0, 1.0):
+        mixer = dataset.Mixer(speech, noise, 16000, **plain(mic_colour_prob=prob, snr_range_db=(5, 5)))
         for _ in range(30):
             noisy, clean = mixer.sample(rng)
-            assert abs(20 * np.log10(dataset.rms(clean) / dataset.rms(noisy - clean)) - 5) < 0.1
-            power = np.abs(np.fft.rfft(noisy - clean)) ** 2
-            out.append(10 * np.log10(power[:len(power) // 4].sum() / power[-len(power) // 4:].sum()))
-        return np.array(out)
+            n = noisy - clean
+            assert abs(20 * np.log10(dataset.rms(clean) / dataset.rms(n)) - 5) < 0.1
+            tilt = band_db(n, 300, 1500) - band_db(n, 2500, 3700)
+            assert abs(tilt - (band_db(clean, 300, 1500) - band_db(clean, 2500, 3700))) < 1.5
+            tilts[prob].append(tilt)
+            limited += band_db(n, 7900, 8000) < band_db(n, 1000, 1100) - 20
+    assert np.abs(tilts[0.0]).max() < 0.5 and np.std(tilts[1.0]) > 3 * np.std(tilts[0.0])
+    assert np.ptp(tilts[1.0]) > 4.0 and 5 <= limited <= 25  # about half of them band-limited
 
-    kw = dict(snr_range_db=(5, 5), two_noise_prob=0.0)
-    flat, shaped = tilts(dataset.Mixer(speech, white, 3200, **kw)), tilts(
-        dataset.Mixer(speech, white, 3200, filter_aug_prob=1.0, **kw))
-    assert np.abs(flat).max() < 1.0
-    assert shaped.std() > 3.0 and np.abs(shaped).max() > 6.0
-    a = dataset.fixed_set(dataset.Mixer(speech, white, 3200), 8, seed=4)
-    b = dataset.fixed_set(dataset.Mixer(speech, white, 3200, filter_aug_prob=0.0, speed_aug=0.0), 8, seed=4)
-    assert np.array_equal(a[0], b[0])
-    with pytest.raises(SystemExit, match="filter augmentation share"):
-        dataset.Mixer(speech, white, 3200, filter_aug_prob=1.5)
-    with pytest.raises(SystemExit, match="speed range"):
-        dataset.Mixer(speech, white, 3200, speed_aug=0.5)
+
+def test_noise_level_swings():
+    rng = np.random.default_rng(0)
+    speech = [0.1 * rng.standard_normal(64000).astype(np.float32)]
+    noise = [0.1 * rng.standard_normal(64000).astype(np.float32)]
+    spread = {}
+    for prob in (0.0, 1.0):
+        mixer = dataset.Mixer(speech, noise, 32000, **plain(level_swing_prob=prob))
+        out = []
+        for _ in range(10):
+            noisy, clean = mixer.sample(rng)
+            frames = 10 * np.log10(((noisy - clean).reshape(-1, 1600) ** 2).mean(1))
+            out.append(frames.max() - frames.min())
+        spread[prob] = np.mean(out)
+    assert spread[0.0] < 1.5 and spread[1.0] > 5.0
+
+
+def test_corpus_groups_and_bad_mixing(tiny_corpus, tmp_path):
+    clips, groups = dataset.load_corpus(tiny_corpus / "speech", cache_dir=tmp_path, groups=True)
+    assert len(clips) == len(groups) == 8 and sorted(set(groups)) == ["", "a"] and groups.count("a") == 6
+    for kw, message in ((dict(clip_prob=1.5), "clip prob must be in"), (dict(snr_span="file"), "SNR span"),
+                        (dict(speech_level_dbfs=(-10, -40)), "speech level range LOW HIGH"),
+                        (dict(level_swing_db=50.0), "level swing"), (dict(colour=1.0), "unknown mixing option")):
+        with pytest.raises(SystemExit, match=message):
+            dataset.check_mixing(**kw)

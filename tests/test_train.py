@@ -118,9 +118,16 @@ def test_mag_weight_adds_the_magnitude_term_to_the_loss(tiny_corpus, tmp_path, m
             train.main(tiny_args(tiny_corpus, tmp_path / "bad", flag, "-1"))
 
 
+# The call-like mixing off: a training loss over 10 steps of random babble, clipping and levels is too noisy
+# to compare one epoch with the next.
+PLAIN_FLAGS = ["--snr-focus-share", "0", "--clip-prob", "0", "--two-noise-prob", "0", "--babble-prob", "0",
+               "--typing-prob", "0", "--level-swing-prob", "0", "--mic-colour-prob", "0"]
+
+
 def test_twenty_steps_lower_the_loss(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the decoded-corpus cache goes here
-    assert train.main(tiny_args(tiny_corpus, tmp_path / "ck", "--epochs", "2", "--steps-per-epoch", "10")) == 0
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "ck", "--epochs", "2", "--steps-per-epoch", "10",
+                                *PLAIN_FLAGS)) == 0
     rows = read_log(tmp_path / "ck" / "train_log.csv")
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
     assert float(rows[-1]["val_si_snr"]) > float(rows[0]["val_si_snr"]) + 1.0
@@ -132,8 +139,8 @@ def test_twenty_steps_lower_the_loss(tiny_corpus, tmp_path, monkeypatch):
 def test_resume_continues_exactly(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     common = ["--epochs", "2", "--dev-files", "0"]
-    recipe = ["--steps-per-epoch", "4", "--ema-decay", "0.7", "--snr-range", "-10", "20", "--filter-aug-prob", "0.5",
-              "--speed-aug", "0.1", "--seed", "7"]
+    recipe = ["--steps-per-epoch", "4", "--ema-decay", "0.7", "--snr-range", "-10", "20", "--babble-prob", "0.5",
+              "--mic-colour-prob", "0.5", "--seed", "7"]
     assert train.main(tiny_args(tiny_corpus, tmp_path / "straight", *common, *recipe)) == 0
     assert train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, *recipe, "--max-steps", "4")) == 0  # "killed"
     # The recipe is not repeated: --resume takes it from last.pt (with the defaults it would mix other data).
@@ -206,16 +213,17 @@ def test_fine_tune_with_utterance_snr_and_pauses(tiny_corpus, tmp_path, monkeypa
     records them for the export's metadata."""
     monkeypatch.chdir(tmp_path)
     extra = ["--snr-span", "utterance", "--pause-prob", "0.3", "--loss", "snr", "--epochs", "1",
-             "--steps-per-epoch", "4", "--filter-aug-prob", "0.5", "--speed-aug", "0.1", "--snr-range", "-10", "20",
-             "--stoi-weight", "5"]
+             "--steps-per-epoch", "4", "--babble-prob", "0.5", "--clip-prob", "0.2", "--snr-range", "-10", "20",
+             "--speech-level", "-40", "-20", "--babble-talkers", "2", "3", "--stoi-weight", "5", "--keys", ""]
     assert train.main(tiny_args(tiny_corpus, tmp_path / "p", *extra)) == 0
     ck = torch.load(tmp_path / "p" / "last.pt", weights_only=False)
-    assert ck["config"]["snr_span"] == "utterance" and ck["config"]["pause_prob"] == 0.3
-    assert ck["config"]["loss"] == "snr"
-    assert ck["config"]["filter_aug_prob"] == 0.5 and ck["config"]["speed_aug"] == 0.1
-    assert ck["config"]["snr_range_db"] == [-10, 20] and ck["config"]["stoi_weight"] == 5
-    assert "SNR -10..20 dB over the utterance; pause windows 0.3; random EQ on 0.5 of segments; speech speed 1+-0.1" in \
-        ck["config"]["data"]
+    cfg = ck["config"]
+    assert cfg["snr_span"] == "utterance" and cfg["pause_prob"] == 0.3 and cfg["loss"] == "snr"
+    assert cfg["babble_prob"] == 0.5 and cfg["clip_prob"] == 0.2 and cfg["babble_talkers"] == [2, 3]
+    assert cfg["snr_range_db"] == [-10, 20] and cfg["speech_level_dbfs"] == [-40, -20] and cfg["stoi_weight"] == 5
+    assert cfg["typing_prob"] == dataset.TYPING_PROB  # asked for, recorded as asked ...
+    assert "SNR -10..20 dB over the utterance" in cfg["data"] and "0 keys for typing" in cfg["data"]
+    assert "typing 0," in cfg["data"]  # ... but with no keys there was none, and the summary says so
     rows = read_log(tmp_path / "p" / "train_log.csv")
     assert all(torch.isfinite(torch.tensor(float(r[k]))) for r in rows[1:] for k in ("train_loss", "val_si_snr"))
     # Validation never draws a pause window, and leaves the training mixer's pauses alone.
@@ -225,18 +233,36 @@ def test_fine_tune_with_utterance_snr_and_pauses(tiny_corpus, tmp_path, monkeypa
     assert (np.abs(clean).max(axis=1) > 0).all() and mixer.pause_prob == 0.5
     _, clean = dataset.fixed_set(mixer, 32, seed=0)
     assert (np.abs(clean).max(axis=1) == 0).any()
-    # Nor is it augmented: an augmented run validates on the same windows as a plain one.
+    # Nor is it mixed like a call: a run with other mixing validates on the same windows as a plain one.
     speech, noise = mixer.speech, mixer.noise
-    augmented = dataset.Mixer(speech, noise, 1600, filter_aug_prob=1.0, speed_aug=0.2, snr_range_db=(-10, -10))
-    assert np.array_equal(train.validation_set(augmented, 8, seed=0)[0],
+    called = dataset.Mixer(speech, noise, 1600, babble_prob=0.9, mic_colour_prob=1.0, snr_range_db=(-10, -10))
+    assert np.array_equal(train.validation_set(called, 8, seed=0)[0],
                           train.validation_set(dataset.Mixer(speech, noise, 1600), 8, seed=0)[0])
-    assert augmented.filter_aug_prob == 1.0 and augmented.speed_aug == 0.2
+    assert called.babble_prob == 0.9 and called.mic_colour_prob == 1.0
     # Bad mixing flags fail before the corpus is decoded (a missing corpus would be the error otherwise).
     for flags, message in ((["--pause-prob", "1"], "pause share"), (["--snr-range", "20", "-10"], "LOW <= HIGH"),
-                           (["--filter-aug-prob", "2"], "filter augmentation share"),
-                           (["--speed-aug", "0.5"], "speed range")):
+                           (["--babble-prob", "2"], "babble prob must be in"),
+                           (["--babble-prob", "0.6", "--typing-prob", "0.6"], "at most 1"),
+                           (["--speech-level", "-20", "5"], "-80..0 dBFS"),
+                           (["--babble-talkers", "0", "3"], "babble talkers")):
         with pytest.raises(SystemExit, match=message):
             train.main(["--speech", str(tmp_path / "nowhere"), "--noise", str(tmp_path / "nowhere"), *flags])
+
+
+def test_real_dev_set_is_validated_and_selects_with_dev(tiny_corpus, tmp_path, monkeypatch):
+    """--dev-real is scored beside --dev; best.pt is chosen on the mean of the two, and each epoch is kept."""
+    monkeypatch.chdir(tmp_path)
+    args = tiny_args(tiny_corpus, tmp_path / "r", "--dev-real", str(tiny_corpus / "dev"), "--epochs", "2",
+                     "--steps-per-epoch", "2")
+    assert train.main(args) == 0
+    rows = read_log(tmp_path / "r" / "train_log.csv")
+    for r in rows:
+        want = np.mean([float(r[f"{s}_pesq_wb"]) + train.SELECT_SNR_WEIGHT * float(r[f"{s}_si_snri"])
+                        for s in ("dev", "dev_real")])
+        assert abs(float(r["select"]) - want) < 1e-4
+    best = torch.load(tmp_path / "r" / "best.pt", weights_only=False)
+    assert best["metrics"]["select"] == max(float(r["select"]) for r in rows[1:])
+    assert sorted(p.name for p in (tmp_path / "r").glob("epoch*.pt")) == ["epoch1.pt", "epoch2.pt"]
 
 
 def test_weight_averaging_is_what_best_keeps(tiny_corpus, tmp_path, monkeypatch):
