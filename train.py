@@ -193,15 +193,15 @@ def validate(net, val, devs, device, context=0, floor_hops=0, window=SEGMENT_SAM
                      for i in range(0, len(noisy), 64)])
     row = {"val_si_snr": si_snr(est, clean[:, -window:]).mean().item()}
     if devs:
-        import evaluate  # the same PESQ and STOI scoring as the published figures
+        import metrics  # the same PESQ and STOI scoring as the published figures
     for name, pairs in devs.items():
         gains, pesqs, stois = [], [], []
         for _, nz, cl, _ in pairs:
             out = enhance_windowed(net, torch.from_numpy(nz).to(device), window, context, floor_hops=floor_hops).cpu()
             ref = torch.from_numpy(cl)
             gains.append((si_snr(out[None], ref[None]) - si_snr(torch.from_numpy(nz)[None], ref[None])).item())
-            pesqs.append(evaluate.pesq_wb(cl, out.numpy())[0])
-            stois.append(evaluate.stoi_score(cl, out.numpy())[0])
+            pesqs.append(metrics.pesq_wb(cl, out.numpy())[0])
+            stois.append(metrics.stoi_score(cl, out.numpy())[0])
         row[f"{name}_si_snri"] = float(np.mean(gains))
         row[f"{name}_pesq_wb"] = float(np.nanmean(pesqs))
         row[f"{name}_stoi"] = float(np.nanmean(stois))

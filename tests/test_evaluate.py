@@ -1,4 +1,5 @@
-"""Tests of evaluate.py on real dev pairs from ../shared/data/dev, real peers and real metrics."""
+"""Tests of evaluate.py and the modules it scores with (peers.py, metrics.py) on real dev pairs from
+../shared/data/dev, real peers and real metrics."""
 import csv
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ DEV = REPO.parent / "shared" / "data" / "dev"
 sys.path.insert(0, str(REPO))
 
 import evaluate as ev  # noqa: E402
+import metrics  # noqa: E402
+import peers  # noqa: E402
 
 # A 6 s pair where every neural peer clearly helps (noisy PESQ-WB 1.36).
 PAIR = "004_ls2033_03_exercise_bike_snr15"
@@ -31,39 +34,39 @@ def load(name):
 def write_pair(root, name, seconds=None, start_s=0.0):
     """Copy (a slice of) a real dev pair into root/clean and root/noisy."""
     clean, noisy = load(name)
-    a = int(start_s * ev.SAMPLE_RATE)
-    b = None if seconds is None else a + int(seconds * ev.SAMPLE_RATE)
+    a = int(start_s * metrics.SAMPLE_RATE)
+    b = None if seconds is None else a + int(seconds * metrics.SAMPLE_RATE)
     for kind, x in (("clean", clean), ("noisy", noisy)):
         (root / kind).mkdir(parents=True, exist_ok=True)
-        sf.write(str(root / kind / f"{name}.wav"), x[a:b], ev.SAMPLE_RATE, subtype="PCM_16")
+        sf.write(str(root / kind / f"{name}.wav"), x[a:b], metrics.SAMPLE_RATE, subtype="PCM_16")
 
 
 def test_metrics_on_identical_signals():
     clean, _ = load(PAIR)
-    assert ev.si_snr(clean, clean) > 80
-    pesq, note = ev.pesq_wb(clean, clean)
+    assert metrics.si_snr(clean, clean) > 80
+    pesq, note = metrics.pesq_wb(clean, clean)
     assert note is None and pesq > 4.5
-    stoi, note = ev.stoi_score(clean, clean)
+    stoi, note = metrics.stoi_score(clean, clean)
     assert note is None and stoi > 0.99
 
 
 def test_alignment_finds_delay_and_advance():
     clean, _ = load(PAIR)
     late = np.concatenate([np.zeros(37, np.float32), clean])
-    aligned, lag = ev.align(late, clean)
+    aligned, lag = metrics.align(late, clean)
     assert lag == 37
-    assert ev.si_snr(aligned, clean) > 60
+    assert metrics.si_snr(aligned, clean) > 60
     early = clean[25:]
-    aligned, lag = ev.align(early, clean)
+    aligned, lag = metrics.align(early, clean)
     assert lag == -25
-    assert ev.si_snr(aligned[25:], clean[25:]) > 60
+    assert metrics.si_snr(aligned[25:], clean[25:]) > 60
     # A shifted copy scores like the original once aligned.
-    assert ev.pesq_wb(clean, ev.align(late, clean)[0])[0] > 4.5
+    assert metrics.pesq_wb(clean, metrics.align(late, clean)[0])[0] > 4.5
 
 
 def test_dnsmos_prefers_clean_over_noisy():
     clean, noisy = load(LOW_SNR_PAIR)
-    dnsmos = ev.Dnsmos()
+    dnsmos = metrics.Dnsmos()
     sig_c, bak_c, ovrl_c = dnsmos(clean)
     sig_n, bak_n, ovrl_n = dnsmos(noisy)
     assert ovrl_c > ovrl_n + 0.5
@@ -75,25 +78,25 @@ def test_dnsmos_hears_level_unless_told_one():
     """As produced, a quieter copy reads as different (DNSMOS is level-sensitive); with a common level
     every scaling of a file scores the same."""
     _, noisy = load(LOW_SNR_PAIR)
-    plain, levelled = ev.Dnsmos(), ev.Dnsmos(level_dbfs=-26)
+    plain, levelled = metrics.Dnsmos(), metrics.Dnsmos(level_dbfs=-26)
     assert abs(plain(noisy)[1] - plain(0.2 * noisy)[1]) > 0.05
     assert np.allclose(levelled(noisy), levelled(0.2 * noisy), atol=2e-3)
     assert ev.main(["--noisy", str(DEV / "noisy"), "--dnsmos-level", "5"]) == 1
 
 
-@pytest.mark.parametrize("name, lag_ms", [("rnnoise", 20.0), ("nsnet2", 0.0), ("dtln", 24.0),
+@pytest.mark.parametrize("name, lag_ms", [("rnnoise", 20.0), ("nsnet2", 0.0), ("dtln", 24.0), ("gtcrn", 0.0),
                                           ("deepfilternet", 30.0), ("speex", 10.0)])
 def test_real_peer_improves_pesq(name, lag_ms):
     clean, noisy = load(PAIR)
     try:
         method = ev.BUILTIN_METHODS[name](None)
-    except ev.Unavailable as exc:
+    except peers.Unavailable as exc:
         pytest.fail(f"{exc}: pip install -r requirements-eval.txt && "
                     "pip install --no-deps -r requirements-eval-nodeps.txt")
     out = method.process(noisy.copy())
-    aligned, lag = ev.align(out, clean)
-    assert lag * 1000 / ev.SAMPLE_RATE == pytest.approx(lag_ms, abs=1.0)
-    assert ev.pesq_wb(clean, aligned)[0] > ev.pesq_wb(clean, noisy)[0] + 0.2
+    aligned, lag = metrics.align(out, clean)
+    assert lag * 1000 / metrics.SAMPLE_RATE == pytest.approx(lag_ms, abs=1.0)
+    assert metrics.pesq_wb(clean, aligned)[0] > metrics.pesq_wb(clean, noisy)[0] + 0.2
 
 
 @pytest.mark.parametrize("name", ["dsp", "ml", "ml-model"])
@@ -106,7 +109,7 @@ def test_our_pipelines_run_aligned_through_file_mode(name):
     assert method.latency_ms > 0
     out = method.process(noisy.copy())
     assert len(out) == len(noisy)
-    assert abs(ev.align(out, clean)[1]) <= ev.SAMPLE_RATE // 2000  # within 0.5 ms
+    assert abs(metrics.align(out, clean)[1]) <= metrics.SAMPLE_RATE // 2000  # within 0.5 ms
 
 
 def test_identity_command_scores_exactly_as_noisy_and_writes_everything(tmp_path, capsys):
@@ -145,8 +148,8 @@ def test_missing_peer_is_skipped_with_a_note(tmp_path):
     pair = ev.Pair("p", noisy[:16000], clean[:16000], None)
 
     def setup_ghost():
-        ev.package_file("surely_no_such_denoiser", "model.onnx", "ghost-denoiser")
-        return ev.Method("ghost", "Ghost", lambda x: x, 10.0)
+        peers.package_file("surely_no_such_denoiser", "model.onnx", "ghost-denoiser")
+        return peers.Method("ghost", "Ghost", lambda x: x, 10.0)
 
     rows, methods, notes, _ = ev.evaluate(
         [pair], [("noisy", lambda: ev.setup_noisy(None)), ("ghost", setup_ghost)], progress=False,
@@ -161,7 +164,7 @@ def test_mismatched_file_lists_give_a_clear_error(tmp_path, capsys):
     for kind, names in (("clean", ["a", "b"]), ("noisy", ["a", "c"])):
         (tmp_path / kind).mkdir()
         for n in names:
-            sf.write(str(tmp_path / kind / f"{n}.wav"), clean[:8000], ev.SAMPLE_RATE)
+            sf.write(str(tmp_path / kind / f"{n}.wav"), clean[:8000], metrics.SAMPLE_RATE)
     rc = ev.main(["--clean", str(tmp_path / "clean"), "--noisy", str(tmp_path / "noisy"),
                   "--out", str(tmp_path / "out"), "--no-dnsmos", "--quiet"])
     err = capsys.readouterr().err
@@ -228,7 +231,7 @@ def test_ml_variant_runs_the_pipeline_with_changed_constants(tmp_path, capsys):
     model = tiny_onnx(tmp_path / "ones.onnx", value=1.0)  # mask 1: the variant flags alone decide the output
     write_pair(tmp_path, PAIR, seconds=3.0)
     clean, noisy = load(PAIR)
-    noisy = noisy[:3 * ev.SAMPLE_RATE]
+    noisy = noisy[:3 * metrics.SAMPLE_RATE]
     args = ev.build_parser().parse_args(["--noisy", "unused", "--model", str(model)])
     flags = "--no-eq --no-gate --input-gain 1 --output-gain 1 --mask-power 1"
     method = ev.setup_ml_variant(args, "transparent", flags)
@@ -240,3 +243,29 @@ def test_ml_variant_runs_the_pipeline_with_changed_constants(tmp_path, capsys):
     rc = ev.main(["--clean", str(tmp_path / "clean"), "--noisy", str(tmp_path / "noisy"), "--methods", "x",
                   "--ml-variant", "x=--no-such-flag", "--out", str(tmp_path / "o"), "--quiet"])
     assert rc != 0 and "not ml_denoiser_pipeline.py flags" in capsys.readouterr().err
+
+
+def test_sets_score_dev_and_dev_real_in_one_command(tmp_path, capsys):
+    """--sets scores each paired set into its own table (README block, results.md, per-set CSV and charts);
+    --sets and --noisy do not mix, and a set without clean/ and noisy/ is a one-line error."""
+    write_pair(tmp_path / "a", PAIR, seconds=3.0)
+    write_pair(tmp_path / "b", LOW_SNR_PAIR, seconds=3.0)
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- eval:begin -->\n<!-- eval:end -->\n")
+    out = tmp_path / "out"
+    rc = ev.main(["--sets", f"first={tmp_path / 'a'}", f"second={tmp_path / 'b'}", "--methods", "noisy",
+                  "--out", str(out), "--readme", str(readme), "--no-dnsmos", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    text = readme.read_text()
+    assert "**first**: 1 pairs" in text and "**second**: 1 pairs" in text and text.count("| noisy input |") == 2
+    report = (out / "results.md").read_text()
+    assert "## first" in report and "## second" in report
+    for name, pair in (("first", PAIR), ("second", LOW_SNR_PAIR)):
+        with open(out / name / "scores.csv", newline="") as fh:
+            assert [r["file"] for r in csv.DictReader(fh)] == [pair]
+    assert ev.main(["--sets", "first=" + str(tmp_path), "--methods", "noisy", "--quiet"]) == 1
+    assert "needs clean/ and noisy/" in capsys.readouterr().err
+    assert ev.main(["--sets", "dev", "--noisy", str(tmp_path / "a" / "noisy"), "--quiet"]) == 1
+    assert "one or the other" in capsys.readouterr().err
+    assert ev.main(["--sets", "nosuchset", "--quiet"]) == 1
+    assert "a known set" in capsys.readouterr().err
