@@ -11,7 +11,9 @@ are passed in. What lives here is the machinery both chains share:
   soft_limit   a knee that never lets a sample past full scale
   read_audio / write_audio / sanitize   file I/O with one-line errors, NaN/Inf scrubbing
 """
+import argparse
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -236,7 +238,7 @@ def write_audio(path, audio, rate):
         subtype = "OPUS" if ext == "OPUS" else None
         sf.write(tmp, audio, rate, format=kind, subtype=subtype)
         os.replace(tmp, path)
-    except Exception as e:
+    except BaseException as e:  # Ctrl+C too: the half-written temporary goes, the user's files stay as they were
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, (sf.LibsndfileError, RuntimeError, ValueError, OSError)):
             raise AudioError(f"cannot write {path}: {e}") from None
@@ -284,9 +286,14 @@ def run_file_mode(make_chain, src, dst, keep_16k=False):
     if not src.is_dir():
         if dst.is_dir():
             dst = dst / src.name
+        if dst.resolve() == src.resolve():
+            raise AudioError(f"--output is the input file {src}: it would be overwritten; write somewhere else")
         denoise_file(make_chain, src, dst, keep_16k)
         print(f"wrote {dst}")
         return 0
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise AudioError(f"--output {dst} is inside the input folder {src}: outputs would overwrite inputs "
+                         "or be read as inputs; pick a folder outside it")
     exts = {f".{e.lower()}" for e in sf.available_formats()} | {".opus", ".oga"}
     files = sorted(p for p in src.iterdir() if p.is_file() and p.suffix.lower() in exts)
     if not files:
@@ -295,14 +302,16 @@ def run_file_mode(make_chain, src, dst, keep_16k=False):
         raise AudioError(f"--input is a folder, so --output must be a folder too: {dst}")
     dst.mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
-    failed = 0
+    failed = []
     for p in tqdm(files, desc="denoising", unit="file"):
         try:
             denoise_file(make_chain, p, dst / p.name, keep_16k)
         except AudioError as e:
-            failed += 1
+            failed.append(p.name)
             tqdm.write(f"error: {e}", file=sys.stderr)
-    print(f"wrote {len(files) - failed} of {len(files)} files to {dst}")
+    print(f"wrote {len(files) - len(failed)} of {len(files)} files to {dst}")
+    if failed:
+        print(f"error: {len(failed)} file(s) failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -330,9 +339,8 @@ def bench(chain, frame, seconds=20.0, label="hop"):
 def build_parser(description, namespace, source_file):
     """The command line both pipelines share: file mode, --bench, live-device flags, and one flag per
     UPPER_CASE constant of the calling script (MIC and CABLE go to live_audio's --mic/--cable)."""
-    import argparse
     import live_audio
-    ap = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    ap = OneLineParser(description=description, allow_abbrev=False)
     ap.add_argument("--input", help="file mode: noisy audio file or folder")
     ap.add_argument("--output", help="file mode: where to write the result (file or folder)")
     ap.add_argument("--keep-16k", action="store_true", help="file mode: write 16 kHz instead of the input's rate")
@@ -343,10 +351,15 @@ def build_parser(description, namespace, source_file):
     return ap
 
 
-def with_overrides(cfg, overrides):
+def with_overrides(cfg, overrides, parser=None):
+    """cfg with some settings replaced (keyword names = flag names with underscores), each held to the range
+    its constant documents, as the flag would be."""
+    ranges = getattr(parser, "constant_ranges", {})
     for k, v in overrides.items():
         if not hasattr(cfg, k):
             raise AudioError(f"unknown setting {k}")
+        if k in ranges and not ranges[k][0] <= v <= ranges[k][1]:
+            raise AudioError(f"{k.upper()} must be in {ranges[k][0]:g}..{ranges[k][1]:g}, not {v}")
         setattr(cfg, k, v)
     return cfg
 
@@ -375,21 +388,57 @@ def run(args, make_chain, frame, label):
         return 130
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors as one line (a pipeline's usage line lists dozens of flags), exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message} (--help lists every setting)", file=sys.stderr)
+        sys.exit(2)
+
+
+RANGE_IN_COMMENT = re.compile(r"^\[(-?[0-9.e+-]+), (-?[0-9.e+-]+)\]\s*")
+
+
+def ranged(kind, low, high):
+    """An argparse type: a number of `kind` in low..high, or a one-line reason."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes {'a whole number' if kind is int else 'a number'}, "
+                                             f"not {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {low:g}..{high:g}, not {text}")
+        return value
+    return parse
+
+
 def add_constant_flags(parser, namespace, names, source_file):
     """One flag per UPPER_CASE constant (SPECTRAL_FLOOR -> --spectral-floor), defaulting to the constant
-    and documented by the constant's own trailing comment, so the two can never drift apart."""
-    import argparse
-    import re
-    comments = {}
+    and documented by the constant's own trailing comment, continuation lines included, so the two can never
+    drift apart. A comment that opens with [low, high] is the range the flag accepts (parser.constant_ranges)."""
+    comments, last = {}, None
     for line in Path(source_file).read_text().splitlines():
         m = re.match(r"^([A-Z][A-Z0-9_]*)\s*=.*?#\s*(.*)$", line)
         if m:
-            comments[m.group(1)] = m.group(2).replace("%", "%%")
+            last = m.group(1)
+            comments[last] = m.group(2)
+        elif last and re.match(r"^\s{10,}#\s", line):  # an indented comment continues the one above
+            comments[last] += " " + line.strip()[1:].strip()
+        else:
+            last = None
+    parser.constant_ranges = getattr(parser, "constant_ranges", {})
     for name in names:
         value = namespace[name]
         flag = "--" + name.lower().replace("_", "-")
-        kw = {"default": value, "help": comments.get(name, "")}
+        text = comments.get(name, "")
+        kw = {"default": value, "help": text.replace("%", "%%")}
+        m = RANGE_IN_COMMENT.match(text)
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif m and isinstance(value, (int, float)):
+            low, high = float(m.group(1)), float(m.group(2))
+            parser.constant_ranges[name.lower()] = (low, high)
+            parser.add_argument(flag, type=ranged(type(value), low, high), metavar=name, **kw)
         else:
             parser.add_argument(flag, type=type(value) if value is not None else str, metavar=name, **kw)

@@ -18,22 +18,22 @@ import numpy as np
 
 import dsp
 
-# ---- tunables: edit here or pass --flag-name VALUE ---------------------------------------------------------
-SAMPLE_RATE = 16000        # Hz
-FRAME_SAMP = 80            # samples per frame (5 ms) = the latency; smaller costs more CPU per second
-HPF_CUTOFF_HZ = 80.0       # high-pass corner; 60 keeps deep voices full .. 150 removes more rumble
-HPF_ORDER = 4              # Butterworth order; 4 = 24 dB/octave
+# ---- tunables: edit here or pass --flag-name VALUE; [low, high] is the range each may take -------------------
+SAMPLE_RATE = 16000        # [16000, 16000] Hz
+FRAME_SAMP = 80            # [1, 1600] samples per frame (5 ms) = the latency; smaller costs more CPU per second
+HPF_CUTOFF_HZ = 80.0       # [10, 1000] high-pass corner; 60 keeps deep voices full .. 150 removes more rumble
+HPF_ORDER = 4              # [1, 8] Butterworth order; 4 = 24 dB/octave
 GATE = True                # soft noise gate on (--no-gate to bypass)
-GATE_FLOOR = 0.0003        # RMS at which the gate is fully closed (-70 dBFS); raise if background leaks
-GATE_CEIL = 0.004          # RMS at which the gate is fully open (-48 dBFS); lower if soft speech is dimmed
-GATE_HOLD_MS = 800.0       # gate stays open this long after the level drops; keeps consonants and short pauses
-GATE_RELEASE_MS = 300.0    # fade from open to closed after the hold; 100 abrupt .. 1000 slow
-GATE_DEPTH_DB = 60.0       # attenuation of a fully closed gate; 30 subtle .. 80 near-silent
-GATE_ATTACK_SAMP = 40      # opening ramp (2.5 ms) inside a frame, so opening does not click
-GATE_RMS_MS = 20.0         # level is measured over this long; 5 ms frames alone would flicker on noise
-OUTPUT_GAIN = 1.0          # applied after the gate
-LIMIT_KNEE = 0.9           # soft limiter starts rounding peaks here (full scale = 1.0)
-STARTUP_BUFFER_MS = 300    # live mode: audio at start during which over/underruns are expected and not counted
+GATE_FLOOR = 0.0003        # [0, 1] RMS at which the gate is fully closed (-70 dBFS); raise if background leaks
+GATE_CEIL = 0.004          # [0, 1] RMS at which the gate is fully open (-48 dBFS); lower if soft speech is dimmed
+GATE_HOLD_MS = 800.0       # [0, 10000] gate stays open this long after the level drops; keeps consonants and pauses
+GATE_RELEASE_MS = 300.0    # [1, 10000] fade from open to closed after the hold; 100 abrupt .. 1000 slow
+GATE_DEPTH_DB = 60.0       # [0, 120] attenuation of a fully closed gate; 30 subtle .. 80 near-silent
+GATE_ATTACK_SAMP = 40      # [1, 1600] opening ramp (2.5 ms) inside a frame, so opening does not click
+GATE_RMS_MS = 20.0         # [0, 1000] level is measured over this long; 5 ms frames alone would flicker on noise
+OUTPUT_GAIN = 1.0          # [0.01, 10] applied after the gate
+LIMIT_KNEE = 0.9           # [0.1, 1] soft limiter starts rounding peaks here (full scale = 1.0)
+STARTUP_BUFFER_MS = 300    # [0, 10000] live mode: audio at start during which over/underruns are expected, not counted
 MIC = None                 # input device: index or name substring; None = the system's default input
 CABLE = None               # output device: index or name substring; None = first virtual cable found
 # ------------------------------------------------------------------------------------------------------------
@@ -87,7 +87,8 @@ def build_parser():
 
 def default_config(**overrides):
     """The constants above as a config object, with keyword overrides (flag names with underscores)."""
-    return dsp.with_overrides(build_parser().parse_args([]), overrides)
+    parser = build_parser()
+    return dsp.with_overrides(parser.parse_args([]), overrides, parser)
 
 
 def denoise_array(audio):

@@ -37,43 +37,40 @@ import numpy as np
 
 import dsp
 
-# ---- tunables: edit here or pass --flag-name VALUE ---------------------------------------------------------
+# ---- tunables: edit here or pass --flag-name VALUE; [low, high] is the range each may take -------------------
 MODEL = str(Path(__file__).resolve().parent / "denoiser.onnx")  # the ONNX mask model; --model PATH for another
-SAMPLE_RATE = 16000        # Hz; the model was trained at 16 kHz, devices at other rates are resampled
-N_FFT = 512                # STFT size (32 ms); must match the model (checked against its metadata)
-STFT_HOP_SAMP = 128        # STFT hop (8 ms); must match the model
-WINDOW_SAMP = 3200         # model input window (200 ms); longer = more context, more latency
-HOP_SAMP = 1600            # new audio per model run (100 ms) = WINDOW_SAMP / 2 for the 50% overlap-add
-CROSSFADE_POWER = 0.3      # shape of the crossfade between windows: 1 = Hann, lower = a more even average of the
-                           # two windows' estimates (dev, full chain, 1 -> 0.3: SI-SNRi +0.11 dB, PESQ-WB +0.007; README)
-SPECTRAL_FLOOR = 0.03      # lowest mask value: 0 = the model's own .. 0.18 gentle; raise if the voice sounds thin
-                           # (spec 0.12 cost the shipped chain 0.06 PESQ-WB, 0.04 OVRL, 0.11 dB SI-SNRi on dev)
-MASK_POWER = 0.9           # mask ** this before the floor: 1 = the model's own; up (1.5) = less noise, thinner speech
-                           # (dev, full chain, 1 -> 0.9: STOI +0.0008, SI-SNRi +0.05 dB, OVRL -0.02; README)
-PHASE_ITERS = 2            # Griffin-Lim rounds from the noisy phase (0 = noisy phase, as the model trains); each
-                           # costs an STFT pair (dev, full chain, 0 -> 2: OVRL +0.02, SI-SNRi +0.06 dB; 4 lost SI-SNRi)
-PAUSE_DEPTH_DB = 10.0      # extra cut of a hop the mask calls noise only (0 = off); up = quieter pauses, down if
-                           # soft words fade (dev, full chain: 10 clears RNNoise's OVRL; 20 costs STOI; README)
-PAUSE_BELOW_DB = -22.0     # a hop whose mask passes at most this share of the noisy energy gets the full cut
-PAUSE_ABOVE_DB = -12.0     # at or above this share the hop is speech and left alone; a smooth step between
-PAUSE_RELEASE = 5          # hops (100 ms each) over which the cut closes after speech; 1 = at once, up = gentler
-                           # (dev, full chain, 1 -> 5: STOI +0.0014, OVRL -0.004; README)
-EQ = False                 # post-EQ (--eq); spec had it on: it cost 8.5 dB SI-SNRi, 0.09 OVRL for +0.05 PESQ on dev
-EQ_GAIN_DB = 5.0           # boost between EQ_LOW_HZ and EQ_HIGH_HZ; 0..8 dB, lower if the voice booms
-EQ_LOW_HZ = 100.0          # lower edge of the boost band
-EQ_HIGH_HZ = 1000.0        # upper edge of the boost band
+SAMPLE_RATE = 16000        # [16000, 16000] Hz; the model was trained at 16 kHz, devices at other rates are resampled
+N_FFT = 512                # [64, 4096] STFT size (32 ms); must match the model (checked against its metadata)
+STFT_HOP_SAMP = 128        # [16, 2048] STFT hop (8 ms); must match the model
+WINDOW_SAMP = 3200         # [256, 32000] model input window (200 ms); longer = more context, more latency
+HOP_SAMP = 1600            # [128, 16000] new audio per model run (100 ms) = WINDOW_SAMP / 2 for the 50% overlap-add
+CROSSFADE_POWER = 0.3      # [0.05, 10] crossfade between windows: 1 = Hann, lower = a more even average of the two
+                           # windows' estimates (smoother), higher = each window's centre counts more
+SPECTRAL_FLOOR = 0.03      # [0, 1] lowest mask value: 0 = the model's own .. 0.18 gentle; raise if the voice sounds thin
+MASK_POWER = 0.9           # [0.1, 4] mask ** this before the floor: 1 = the model's own; up = less noise, thinner speech
+PHASE_ITERS = 2            # [0, 16] Griffin-Lim rounds from the noisy phase (0 = noisy phase, as the model trains);
+                           # each costs an STFT pair; more than 2 smears transients
+PAUSE_DEPTH_DB = 10.0      # [0, 60] extra cut of a hop the mask calls noise only (0 = off); up = quieter pauses,
+                           # down if soft words fade
+PAUSE_BELOW_DB = -22.0     # [-60, 0] a hop whose mask passes at most this share of the noisy energy gets the full cut
+PAUSE_ABOVE_DB = -12.0     # [-60, 0] at or above this share the hop is speech and left alone; a smooth step between
+PAUSE_RELEASE = 5          # [1, 100] hops (100 ms each) over which the cut closes after speech; 1 = at once, up = gentler
+EQ = False                 # post-EQ (--eq): a presence boost; it colours the voice and lifts residual noise with it
+EQ_GAIN_DB = 5.0           # [0, 12] boost between EQ_LOW_HZ and EQ_HIGH_HZ; lower if the voice booms
+EQ_LOW_HZ = 100.0          # [20, 7900] lower edge of the boost band
+EQ_HIGH_HZ = 1000.0        # [20, 7900] upper edge of the boost band
 GATE = True                # soft noise gate on (--no-gate to bypass)
-GATE_FLOOR = 0.0003        # RMS at which the gate is fully closed (-70 dBFS); raise if residual hiss leaks
-GATE_CEIL = 0.004          # RMS at which the gate is fully open (-48 dBFS); lower if soft speech is dimmed
-GATE_HOLD = 8              # hops (100 ms each) the gate stays open after the level drops; keeps consonants
-GATE_RELEASE = 3           # hops to fade from open to closed after the hold; 1 abrupt .. 10 slow
-GATE_DEPTH_DB = 60.0       # attenuation of a fully closed gate; 30 subtle .. 80 near-silent
-GATE_ATTACK_SAMP = 80      # opening ramp (5 ms): fast enough for plosives, slow enough not to click
-INPUT_GAIN = 0.75          # applied before the model; leaves headroom for hot microphones
-OUTPUT_GAIN = 1.3333       # after the gate; x INPUT_GAIN = unity (spec 3.2 pushed speech into the limiter: -0.6 dB SI-SNRi)
-LIMIT_KNEE = 0.9           # soft limiter starts rounding peaks here (full scale = 1.0)
-STARTUP_BUFFER_MS = 300    # live mode: audio at start during which over/underruns are expected and not counted
-ORT_THREADS = 1            # onnxruntime threads; 1 leaves the other cores to the call app
+GATE_FLOOR = 0.0003        # [0, 1] RMS at which the gate is fully closed (-70 dBFS); raise if residual hiss leaks
+GATE_CEIL = 0.004          # [0, 1] RMS at which the gate is fully open (-48 dBFS); lower if soft speech is dimmed
+GATE_HOLD = 8              # [0, 100] hops (100 ms each) the gate stays open after the level drops; keeps consonants
+GATE_RELEASE = 3           # [1, 100] hops to fade from open to closed after the hold; 1 abrupt .. 10 slow
+GATE_DEPTH_DB = 60.0       # [0, 120] attenuation of a fully closed gate; 30 subtle .. 80 near-silent
+GATE_ATTACK_SAMP = 80      # [1, 1600] opening ramp (5 ms): fast enough for plosives, slow enough not to click
+INPUT_GAIN = 0.75          # [0.01, 10] applied before the model; leaves headroom for hot microphones
+OUTPUT_GAIN = 1.3333       # [0.01, 10] after the gate; x INPUT_GAIN = unity; raise for a quiet mic, mind the limiter
+LIMIT_KNEE = 0.9           # [0.1, 1] soft limiter starts rounding peaks here (full scale = 1.0)
+STARTUP_BUFFER_MS = 300    # [0, 10000] live mode: audio at start during which over/underruns are expected, not counted
+ORT_THREADS = 1            # [1, 64] onnxruntime threads; 1 leaves the other cores to the call app
 MIC = None                 # input device: index or name substring; None = the system's default input
 CABLE = None               # output device: index or name substring; None = first virtual cable found
 # ------------------------------------------------------------------------------------------------------------
@@ -266,7 +263,8 @@ def build_parser():
 
 def default_config(**overrides):
     """The constants above as a config object, with keyword overrides (flag names with underscores)."""
-    return dsp.with_overrides(build_parser().parse_args([]), overrides)
+    parser = build_parser()
+    return dsp.with_overrides(parser.parse_args([]), overrides, parser)
 
 
 def denoise_array(audio, model_path=None, model_only=False):

@@ -1,10 +1,18 @@
 """Shared fixtures: paths, real ONNX models made on the spot, and real dev audio from ../shared."""
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Started as a background job from a script (`bash tests/run_all.sh &`), this process inherits SIGINT ignored,
+# and an ignored signal stays ignored across exec: every child the tests send Ctrl+C to would never see it. A
+# handler (unlike SIG_IGN) is reset to the default in each child, so installing Python's own one here gives
+# every child a default SIGINT, however the suite was started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

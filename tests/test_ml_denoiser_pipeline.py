@@ -161,6 +161,82 @@ def test_folder_mode(tmp_path, random_model):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.wav", "f1.wav", "f2.wav"]
 
 
+def test_output_never_overwrites_the_input(tmp_path, random_model):
+    """--output naming the input (directly, through a folder, or a path that resolves to it) and a folder run
+    writing into its own input folder are refused before anything is read; the user's files are unchanged."""
+    src = tmp_path / "in"
+    src.mkdir()
+    sf.write(src / "talk.wav", speechlike(0.5), 16000)
+    before = (src / "talk.wav").read_bytes()
+    model = ("--model", random_model)
+    for out in (src / "talk.wav", src, src / ".." / "in" / "talk.wav"):
+        one_line_error(run_script("ml_denoiser_pipeline.py", "--input", src / "talk.wav", "--output", out, *model),
+                       "it would be overwritten")
+    for out in (src, src / "denoised"):
+        one_line_error(run_script("ml_denoiser_pipeline.py", "--input", src, "--output", out, *model),
+                       "inside the input folder")
+    assert (src / "talk.wav").read_bytes() == before and sorted(p.name for p in src.iterdir()) == ["talk.wav"]
+
+
+def test_folder_run_with_a_bad_file_fails_and_names_it(tmp_path, random_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        sf.write(src / f"f{i}.wav", speechlike(0.5, seed=i), 16000)
+    (src / "broken.wav").write_bytes(b"RIFF not really a wave file")
+    r = run_script("ml_denoiser_pipeline.py", "--input", src, "--output", tmp_path / "out", "--model", random_model)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "error: 1 file(s) failed: broken.wav" in r.stderr and "wrote 2 of 3 files" in r.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["f0.wav", "f1.wav"]
+
+
+def test_settings_outside_their_range_are_refused(tmp_path, random_model):
+    """Every tunable with a documented [low, high] is held to it, from the command line and from code."""
+    sf.write(tmp_path / "ok.wav", tone(440, 0.5), 16000)
+    io = ("--input", tmp_path / "ok.wav", "--output", tmp_path / "out.wav", "--model", random_model)
+    for flag, value, message in (("--spectral-floor", "-1", "must be in 0..1, not -1"),
+                                 ("--input-gain", "-5", "must be in 0.01..10, not -5"),
+                                 ("--mask-power", "0", "must be in 0.1..4"),
+                                 ("--phase-iters", "1.5", "takes a whole number"),
+                                 ("--gate-depth-db", "lots", "takes a number")):
+        r = run_script("ml_denoiser_pipeline.py", *io, flag, value)
+        one_line_error(r, message)
+        assert r.returncode == 2 and flag in r.stderr
+    assert not (tmp_path / "out.wav").exists()
+    with pytest.raises(dsp.AudioError, match="SPECTRAL_FLOOR must be in 0..1"):
+        P.default_config(spectral_floor=1.5)
+    parser = P.build_parser()
+    ranged = {a.dest for a in parser._actions if a.dest in parser.constant_ranges}
+    numeric = {k.lower() for k, v in vars(P).items() if k.isupper() and k not in P.NOT_FLAGS
+               and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert ranged == numeric  # not one numeric tunable without its range
+
+
+def test_interrupted_folder_run_leaves_only_whole_files(tmp_path, random_model):
+    """Ctrl+C in the middle of a folder run: what is in the output folder is complete, nothing half-written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for i in range(30):
+        sf.write(src / f"f{i:02d}.wav", speechlike(2.0, seed=i), 16000)
+    proc = subprocess.Popen([sys.executable, str(REPO / "ml_denoiser_pipeline.py"), "--input", str(src), "--output",
+                             str(out), "--model", str(random_model)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out.is_dir() and len(list(out.iterdir())) >= 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    written = sorted(out.iterdir())
+    assert 3 <= len(written) < 30 and all(p.suffix == ".wav" for p in written)  # no temporary left behind
+    for p in written:
+        assert sf.info(p).frames == 32000
+
+
 def one_line_error(r, pattern):
     assert r.returncode != 0
     assert "Traceback" not in r.stderr
