@@ -13,7 +13,7 @@ Nothing to edit here.
 import argparse
 import sys
 
-import live_audio
+import devices
 
 
 def main(argv=None):
@@ -22,7 +22,7 @@ def main(argv=None):
     parser.add_argument("--mic", default=None, help="show which input this index or name picks")
     parser.add_argument("--cable", default=None, help="show which output this index or name picks")
     args = parser.parse_args(argv)
-    return live_audio.print_devices(live_audio.parse_device_spec(args.mic), live_audio.parse_device_spec(args.cable))
+    return devices.print_devices(devices.parse_device_spec(args.mic), devices.parse_device_spec(args.cable))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import devices  # noqa: E402
 import live_audio  # noqa: E402
 from sound_server import FAKE_MIC, FAKE_MIC_SINK, SoundServer  # noqa: E402
 
@@ -272,40 +273,40 @@ WINDOWS = [
 
 
 def test_cable_name_prefers_wasapi_over_mme_and_directsound():
-    assert live_audio.find_device("CABLE Input", "output", WINDOWS, HOSTAPIS) == 5
-    assert live_audio.find_device("usb", "input", WINDOWS, HOSTAPIS) == 6
+    assert devices.find_device("CABLE Input", "output", WINDOWS, HOSTAPIS) == 5
+    assert devices.find_device("usb", "input", WINDOWS, HOSTAPIS) == 6
 
 
 def test_lookup_by_index_and_default():
-    assert live_audio.find_device(3, "output", WINDOWS, HOSTAPIS) == 3
-    assert live_audio.find_device(None, "input", WINDOWS, HOSTAPIS, default_index=1) == 1
-    with pytest.raises(live_audio.DeviceError, match="not an input device"):
-        live_audio.find_device(3, "input", WINDOWS, HOSTAPIS)
-    with pytest.raises(live_audio.DeviceError, match="does not exist"):
-        live_audio.find_device(42, "input", WINDOWS, HOSTAPIS)
+    assert devices.find_device(3, "output", WINDOWS, HOSTAPIS) == 3
+    assert devices.find_device(None, "input", WINDOWS, HOSTAPIS, default_index=1) == 1
+    with pytest.raises(devices.DeviceError, match="not an input device"):
+        devices.find_device(3, "input", WINDOWS, HOSTAPIS)
+    with pytest.raises(devices.DeviceError, match="does not exist"):
+        devices.find_device(42, "input", WINDOWS, HOSTAPIS)
 
 
 def test_ambiguous_and_missing_names_list_the_candidates():
-    with pytest.raises(live_audio.DeviceError) as err:
-        live_audio.find_device("Input (VB", "output", WINDOWS, HOSTAPIS)
+    with pytest.raises(devices.DeviceError) as err:
+        devices.find_device("Input (VB", "output", WINDOWS, HOSTAPIS)
     assert "matches 2 output devices" in str(err.value)
     assert "CABLE-A Input" in err.value.details and "CABLE Input (VB-Audio Virtual Cable)" in err.value.details
-    with pytest.raises(live_audio.DeviceError) as err:
-        live_audio.find_device("BlackHole", "output", WINDOWS, HOSTAPIS, hint="Install BlackHole")
+    with pytest.raises(devices.DeviceError) as err:
+        devices.find_device("BlackHole", "output", WINDOWS, HOSTAPIS, hint="Install BlackHole")
     assert str(err.value) == "no output device matches 'BlackHole'"
     assert "Speakers (Realtek(R) Audio)" in err.value.details and "Install BlackHole" in err.value.details
     assert "Microphone" not in err.value.details, "an output lookup lists output devices only"
 
 
 def test_device_spec_parsing():
-    assert live_audio.parse_device_spec(None) is None
-    assert live_audio.parse_device_spec("") is None
-    assert live_audio.parse_device_spec("7") == 7
-    assert live_audio.parse_device_spec(" USB ") == "USB"
+    assert devices.parse_device_spec(None) is None
+    assert devices.parse_device_spec("") is None
+    assert devices.parse_device_spec("7") == 7
+    assert devices.parse_device_spec(" USB ") == "USB"
 
 
 def test_alsa_definitions_make_server_names_safe():
-    text, names = live_audio._alsa_config_text(
+    text, names = devices._alsa_config_text(
         "pipewire", [("alsa_output.pci-0000_00_1f.3.analog-stereo", 'Built-in "Audio"'), ("default", "x")],
         [("denoised_mic", "Denoised microphone")])
     assert "pcm.alsa_output_pci_0000_00_1f_3_analog_stereo { type asym playback.pcm { type pipewire " \
