@@ -25,23 +25,24 @@ import soxr
 from scipy.signal import butter, sosfilt
 
 SAMPLE_RATE = 16000          # Hz; everything is converted to this
-SNR_RANGE_DB = (-5.0, 20.0)  # SNR of each mixture; widen the top end if clean input gets damaged
-SNR_FOCUS_DB = (-5.0, 10.0)  # the SNRs of real calls in noise; SNR_FOCUS_SHARE of mixtures are drawn in here
-SNR_FOCUS_SHARE = 0.6        # share drawn in SNR_FOCUS_DB, the rest uniform over SNR_RANGE_DB; raise for more low SNR
+# ---- mixing: each a flag of train.py of the same name; [low, high] is the range each may take ----------------
+SNR_RANGE_DB = (-5.0, 20.0)  # [-30, 60] SNR of each mixture; widen the top end if clean input gets damaged
+SNR_FOCUS_DB = (-5.0, 10.0)  # [-30, 60] the SNRs of real calls in noise; SNR_FOCUS_SHARE of mixtures are drawn here
+SNR_FOCUS_SHARE = 0.6        # [0, 1] share drawn in SNR_FOCUS_DB, the rest over SNR_RANGE_DB; up = more low SNR
 SNR_SPAN = "window"          # "window": SNR over the training window; "utterance": over the whole speech file,
                              # as the dev set and DNS mix, so quiet syllables get the low local SNR they get in a call
-PAUSE_PROB = 0.0             # share of noise-only windows (a pause in speech); raise it if noise leaks through pauses
-SPEECH_LEVEL_DBFS = (-45.0, -10.0)  # RMS of the speech, so the model sees quiet and loud microphones
-CLIP_PROB = 0.05             # share of mixtures driven past full scale and clipped, as a cheap mic does; 0 = never
-TWO_NOISE_PROB = 0.3         # share of mixtures with two noises at once (a fan plus a voice, say)
-BABBLE_PROB = 0.15           # share of noise sources that are babble: BABBLE_TALKERS other talkers summed
-BABBLE_TALKERS = (3, 8)      # fewest and most talkers in a babble; fewer = more intelligible, harder to remove
-TYPING_PROB = 0.1            # share of noise sources that are typing, assembled from the keyboard one-shots
-LEVEL_SWING_PROB = 0.3       # share of noise sources whose level wanders over the example (a passing car)
-LEVEL_SWING_DB = 12.0        # peak-to-peak size of that wander; larger = less stationary noise
-MIC_COLOUR_PROB = 0.5        # share of mixtures (speech and noise alike) given a random microphone response:
-                             # low/high shelves of +-SHELF_DB, a 50-300 Hz high-pass and, half the time, a 4-8 kHz low-pass
-SHELF_DB = 6.0               # largest shelf boost or cut of that response
+SPEECH_LEVEL_DBFS = (-45.0, -10.0)  # [-80, 0] RMS of the speech, so the model sees quiet and loud microphones
+CLIP_PROB = 0.05             # [0, 1] share of mixtures driven past full scale and clipped, as a cheap mic does
+TWO_NOISE_PROB = 0.3         # [0, 1] share of mixtures with two noises at once (a fan plus a voice, say)
+BABBLE_PROB = 0.15           # [0, 1] share of noise sources that are babble: BABBLE_TALKERS other talkers summed
+BABBLE_TALKERS = (3, 8)      # [1, 32] fewest and most talkers in a babble; fewer = more intelligible, harder to remove
+TYPING_PROB = 0.1            # [0, 1] share of noise sources that are typing, assembled from the keyboard one-shots
+LEVEL_SWING_PROB = 0.3       # [0, 1] share of noise sources whose level wanders over the example (a passing car)
+LEVEL_SWING_DB = 12.0        # [0, 40] peak-to-peak size of that wander; larger = less stationary noise
+MIC_COLOUR_PROB = 0.5        # [0, 1] share of mixtures (speech and noise alike) given a random microphone response:
+                             # low/high shelves of +-SHELF_DB, a 50-300 Hz high-pass, half the time a 4-8 kHz low-pass
+SHELF_DB = 6.0               # [0, 20] largest shelf boost or cut of that response
+# ------------------------------------------------------------------------------------------------------------
 SILENT_SEGMENT_DB = -25.0    # re-draw a speech segment quieter than this relative to its file (SI-SNR is undefined on silence)
 SILENT_FILE_RMS = 1e-5       # noise files quieter than this are skipped
 CACHE_DIR = ".cache"         # decoded corpora live here as .npz; delete it after changing the audio folders
@@ -49,12 +50,12 @@ AUDIO_EXTS = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au", 
 
 # The mixing options Mixer takes, with their defaults; train.py turns each into a flag and records it.
 MIXING = {"snr_range_db": SNR_RANGE_DB, "snr_focus_db": SNR_FOCUS_DB, "snr_focus_share": SNR_FOCUS_SHARE,
-          "snr_span": SNR_SPAN, "pause_prob": PAUSE_PROB, "speech_level_dbfs": SPEECH_LEVEL_DBFS,
+          "snr_span": SNR_SPAN, "speech_level_dbfs": SPEECH_LEVEL_DBFS,
           "clip_prob": CLIP_PROB, "two_noise_prob": TWO_NOISE_PROB, "babble_prob": BABBLE_PROB,
           "babble_talkers": BABBLE_TALKERS, "typing_prob": TYPING_PROB, "level_swing_prob": LEVEL_SWING_PROB,
           "level_swing_db": LEVEL_SWING_DB, "mic_colour_prob": MIC_COLOUR_PROB, "shelf_db": SHELF_DB}
 # What a plain mixture is: every call-like option off (the fixed validation windows, comparisons, tests).
-PLAIN = dict(MIXING, snr_focus_share=0.0, pause_prob=0.0, clip_prob=0.0, two_noise_prob=0.0, babble_prob=0.0,
+PLAIN = dict(MIXING, snr_focus_share=0.0, clip_prob=0.0, two_noise_prob=0.0, babble_prob=0.0,
              typing_prob=0.0, level_swing_prob=0.0, mic_colour_prob=0.0)
 
 
@@ -142,8 +143,6 @@ def check_mixing(**opts):
             problems.append(f"the {what} LOW HIGH needs LOW <= HIGH (got {low:g} {high:g})")
     if not (-80.0 <= o["speech_level_dbfs"][0] and o["speech_level_dbfs"][1] <= 0.0):
         problems.append("the speech level range must lie in -80..0 dBFS")
-    if not 0.0 <= o["pause_prob"] < 1.0:
-        problems.append(f"the pause share must be in [0, 1) (got {o['pause_prob']:g})")
     for name in ("snr_focus_share", "clip_prob", "two_noise_prob", "babble_prob", "typing_prob",
                  "level_swing_prob", "mic_colour_prob"):
         if not 0.0 <= o[name] <= 1.0:
@@ -290,9 +289,7 @@ class Mixer:
 
     def sample(self, rng):
         """One (noisy, clean) pair. The microphone colours speech and noise alike, so the target is the speech
-        as that microphone hears it (a denoiser does not undo the mic). A pause example (clean all zeros) is
-        mixed as a speech one and then has its speech removed, so its noise sits at the level it would have
-        under speech."""
+        as that microphone hears it (a denoiser does not undo the mic)."""
         clean, utterance_rms, target = self.speech_segment(rng)
         noise = self.noise_source(rng, target)
         if rng.random() < self.two_noise_prob:
@@ -305,9 +302,6 @@ class Mixer:
         speech_rms = rms(clean) * (level if self.snr_span == "utterance" else 1.0)
         noise = noise * np.float32(speech_rms / rms(noise) / 10 ** (self.draw_snr(rng) / 20))
         noisy = clean + noise
-        if self.pause_prob and rng.random() < self.pause_prob:
-            clean = np.zeros_like(clean)
-            noisy = noise
         gain = 10 ** (rng.uniform(*self.speech_level_dbfs) / 20) / speech_rms
         peak = np.max(np.abs(noisy)) * gain
         clipped = self.clip_prob and rng.random() < self.clip_prob

@@ -12,6 +12,7 @@ are passed in. What lives here is the machinery both chains share:
   read_audio / write_audio / sanitize   file I/O with one-line errors, NaN/Inf scrubbing
 """
 import argparse
+import math
 import os
 import re
 import sys
@@ -388,12 +389,24 @@ def run(args, make_chain, frame, label):
         return 130
 
 
+class SettingError(SystemExit):
+    """Exit status 2 for a bad flag; str() is the one-line message already printed."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse with its errors as one line (a pipeline's usage line lists dozens of flags), exit status 2."""
 
     def error(self, message):
-        print(f"error: {message} (--help lists every setting)", file=sys.stderr)
-        sys.exit(2)
+        line = f"error: {message} (--help lists every setting)"
+        print(line, file=sys.stderr)
+        raise SettingError(line)
 
 
 RANGE_IN_COMMENT = re.compile(r"^\[(-?[0-9.e+-]+), (-?[0-9.e+-]+)\]\s*")
@@ -436,6 +449,10 @@ def add_constant_flags(parser, namespace, names, source_file):
         m = RANGE_IN_COMMENT.match(text)
         if isinstance(value, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(value, tuple):  # a LOW HIGH pair; the range holds for each
+            kind = int if all(isinstance(v, int) for v in value) else float
+            low, high = (float(m.group(1)), float(m.group(2))) if m else (-math.inf, math.inf)
+            parser.add_argument(flag, type=ranged(kind, low, high), nargs=len(value), metavar=("LOW", "HIGH"), **kw)
         elif m and isinstance(value, (int, float)):
             low, high = float(m.group(1)), float(m.group(2))
             parser.constant_ranges[name.lower()] = (low, high)

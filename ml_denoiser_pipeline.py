@@ -8,25 +8,23 @@
 
 Edit the constants below (or pass the matching flag, e.g. --spectral-floor 0.18) to change how it sounds.
 One hop of audio, top to bottom (MLChain.hop):
-  100 ms of microphone samples x INPUT_GAIN slide into a 200 ms window, behind C samples of older audio
-  (C = the context_samp in the model's metadata: 0 for the shipped model; see train.py --context-samp)
-  -> 512-point Hann STFT, 128-sample hop, center=True: 1 + (C + 3200) / 128 frames of 257 bins
+  100 ms of microphone samples x INPUT_GAIN slide into a 200 ms window
+  -> 512-point Hann STFT, 128-sample hop, center=True: 1 + 3200 / 128 = 26 frames of 257 bins
   -> denoiser.onnx maps log|STFT| [1, 1, 257, T] to a mask in [0, 1], raised to MASK_POWER and floored at
      SPECTRAL_FLOOR; a model trained with train.py --floor-hops K (the shipped one: K = 20, 2 s) also takes,
      as a second channel, the noise floor: per bin, the minimum over the last K hops of each hop's mean
      log|STFT| (as model.noise_floor computes it), which tells the model what the room sounds like between
      words
   -> mask x noisy magnitude, noisy phase, inverse STFT, then PHASE_ITERS Griffin-Lim rounds from that phase;
-     the context's output is dropped (it was finished by earlier hops; the model saw it only to learn the
-     noise), and the 200 ms window is weighted by a crossfade built on the periodic Hann (CROSSFADE_POWER) and
+     the 200 ms window is weighted by a crossfade built on the periodic Hann (CROSSFADE_POWER) and
      overlap-added with the previous one (every sample's two weights sum to exactly 1: no seams, no ripple)
   -> pause cut (PAUSE_DEPTH_DB, off at 0): a hop in which the mask passes under PAUSE_BELOW_DB of the noisy
      energy is residue between words and is turned down, fading in over PAUSE_RELEASE hops after speech
   -> post-EQ (+5 dB 100 Hz..1 kHz, off by default: see EQ) -> soft gate -> OUTPUT_GAIN -> soft limiter
   -> the cable.
 Algorithmic latency is WINDOW_SAMP (200 ms): a window is only complete when its last sample has arrived,
-and its first half is finished only once the next window has been added. Context is past audio, so it
-costs compute (a longer STFT and model input), never latency. Real-time budget: every hop
+and its first half is finished only once the next window has been added. The noise floor is past audio, so
+it costs compute, never latency. Real-time budget: every hop
 must be processed in well under HOP_SAMP (100 ms); `--bench` prints how far under it is.
 """
 import sys
@@ -42,7 +40,7 @@ MODEL = str(Path(__file__).resolve().parent / "denoiser.onnx")  # the ONNX mask 
 SAMPLE_RATE = 16000        # [16000, 16000] Hz; the model was trained at 16 kHz, devices at other rates are resampled
 N_FFT = 512                # [64, 4096] STFT size (32 ms); must match the model (checked against its metadata)
 STFT_HOP_SAMP = 128        # [16, 2048] STFT hop (8 ms); must match the model
-WINDOW_SAMP = 3200         # [256, 32000] model input window (200 ms); longer = more context, more latency
+WINDOW_SAMP = 3200         # [256, 32000] model input window (200 ms); must match the model (its metadata)
 HOP_SAMP = 1600            # [128, 16000] new audio per model run (100 ms) = WINDOW_SAMP / 2 for the 50% overlap-add
 CROSSFADE_POWER = 0.3      # [0.05, 10] crossfade between windows: 1 = Hann, lower = a more even average of the two
                            # windows' estimates (smoother), higher = each window's centre counts more
@@ -110,9 +108,10 @@ def load_model(path, cfg):
         if key in meta and int(float(meta[key])) != want:
             raise dsp.AudioError(f"model {path.name} was trained with {key}={meta[key]} but the pipeline "
                                  f"uses {want}; pass the matching flag or use a matching model")
-    context, floor_hops = meta_int(meta, "context_samp", path), meta_int(meta, "floor_hops", path)
-    if context and floor_hops:
-        raise dsp.AudioError(f"model {path.name} asks for both context_samp and floor_hops; it takes one or the other")
+    if meta_int(meta, "context_samp", path):
+        raise dsp.AudioError(f"model {path.name} wants {meta['context_samp']} samples of context (context_samp), "
+                             "which this pipeline does not feed; export a model trained without it")
+    floor_hops = meta_int(meta, "floor_hops", path)
     inputs = session.get_inputs()
     shape = inputs[0].shape if len(inputs) == 1 else None
     bins, channels = cfg.n_fft // 2 + 1, 2 if floor_hops else 1
@@ -121,7 +120,7 @@ def load_model(path, cfg):
         raise dsp.AudioError(f"model {path.name} takes input {shape}, expected [1, {channels}, {bins}, T] "
                              f"(log-magnitude of a {cfg.n_fft}-point STFT"
                              f"{', and the noise floor' if floor_hops else ''}; metadata floor_hops={floor_hops})")
-    return session, meta, context, floor_hops
+    return session, meta, floor_hops
 
 
 def consistent(stft, wave, target, iters):
@@ -143,7 +142,7 @@ class MLChain:
         if cfg.hop_samp * 2 != cfg.window_samp:
             raise dsp.AudioError("HOP_SAMP must be WINDOW_SAMP / 2: the Hann overlap-add is only "
                                  "seamless (constant overlap-add) at 50% overlap")
-        self.session, meta, self.context, floor_hops = load_model(cfg.model, cfg)
+        self.session, meta, floor_hops = load_model(cfg.model, cfg)
         self.input_name = self.session.get_inputs()[0].name
         self.log_eps = float(meta.get("log_eps", LOG_EPS_DEFAULT))
         # The floor model's memory: each recent hop's mean log|STFT| per bin, +inf for digital silence (so a
@@ -170,11 +169,11 @@ class MLChain:
                                cfg.pause_release, cfg.pause_depth_db, cfg.gate_attack_samp, cfg.hop_samp)
                       if cfg.pause_depth_db and not model_only else None)
         self.pause_newer = np.zeros(2)  # the last window's newer half: energy passed by the mask, noisy energy
-        self.stft = dsp.WindowSTFT(self.context + cfg.window_samp, cfg.n_fft, cfg.stft_hop_samp)
+        self.stft = dsp.WindowSTFT(cfg.window_samp, cfg.n_fft, cfg.stft_hop_samp)
         if not cfg.crossfade_power > 0:
             raise dsp.AudioError(f"CROSSFADE_POWER must be above 0 (1 = Hann), not {cfg.crossfade_power}")
         self.synthesis = dsp.crossfade_window(cfg.window_samp, cfg.crossfade_power)
-        self.window = np.zeros(self.context + cfg.window_samp, np.float32)  # [context | window]
+        self.window = np.zeros(cfg.window_samp, np.float32)
         self.ola = np.zeros(cfg.window_samp, np.float32)
         self.eq = dsp.BandBoost(cfg.eq_gain_db, cfg.eq_low_hz, cfg.eq_high_hz) if cfg.eq and not model_only else None
         self.gate = (dsp.Gate(cfg.gate_floor, cfg.gate_ceil, cfg.gate_hold, cfg.gate_release, cfg.gate_depth_db,
@@ -208,7 +207,7 @@ class MLChain:
         clean = self.stft.inverse(spec * mask)
         if not self.model_only:
             clean = consistent(self.stft, clean, mag * mask, self.cfg.phase_iters)
-        self.ola += clean[self.context:] * self.synthesis
+        self.ola += clean * self.synthesis
         out = self.ola[:h].copy()
         self.ola[:-h] = self.ola[h:]
         self.ola[-h:] = 0.0
@@ -231,7 +230,7 @@ class MLChain:
         that share instead of the level: it opens within GATE_ATTACK_SAMP, so a word's first syllable is
         not cut, and closes over PAUSE_RELEASE hops, because the model also calls the weak hops inside a word
         at low SNR noise, and a cut that fell at once would chop them out (STOI counts each such dip)."""
-        frames = self.cfg.window_samp // self.cfg.stft_hop_samp + 1  # the window's frames; context comes first
+        frames = self.cfg.window_samp // self.cfg.stft_hop_samp + 1  # the window's frames
         noisy = np.square(mag[:, -frames:])
         passed = noisy * np.square(mask[:, -frames:])
         half = frames // 2

@@ -54,40 +54,6 @@ def test_model_only_matches_torch_windowed_inference(random_model, random_net):
 
 
 @pytest.fixture(scope="module")
-def context_model(random_net, tmp_path_factory):
-    """random_net exported as a model that wants 1600 samples of past audio in front of each window."""
-    import export_model
-    path = tmp_path_factory.mktemp("models") / "context.onnx"
-    meta = dict(export_model.base_metadata(random_net), context_samp=1600)
-    return export_model.export(random_net, path, meta)
-
-
-def test_context_model_matches_torch_and_keeps_latency(context_model, random_net):
-    """With context the pipeline feeds [past | window] and keeps only the window's output, exactly as
-    train.py trains and validates such a model; the latency does not grow."""
-    torch = pytest.importorskip("torch")
-    import train
-    x = speechlike(1.5, seed=6)
-    with torch.no_grad():
-        ref = train.enhance_windowed(random_net, torch.from_numpy(x), context=1600).numpy()
-        no_context = train.enhance_windowed(random_net, torch.from_numpy(x)).numpy()
-    got = P.denoise_array(x, str(context_model), model_only=True)
-    assert np.abs(got - ref).max() < 1e-4
-    assert np.abs(got - no_context).max() > 1e-3  # the context really reaches the model
-    chain = P.MLChain(P.default_config(model=str(context_model)))
-    assert chain.stft.frames == 1 + (1600 + 3200) // 128 and chain.latency_samples == 3200
-
-
-def test_context_model_streams_like_one_shot(context_model):
-    cfg = P.default_config(model=str(context_model))
-    x = speechlike(1.2, seed=7) + 0.01 * np.random.default_rng(8).standard_normal(19200).astype(np.float32)
-    one_shot = P.MLChain(cfg).process(x)
-    chain = P.MLChain(cfg)
-    streamed = np.concatenate([chain.process(x[i:i + 333]) for i in range(0, len(x), 333)])
-    assert np.abs(streamed - one_shot).max() <= 1e-6
-
-
-@pytest.fixture(scope="module")
 def floor_model(tmp_path_factory):
     """A random U-Net with the noise-floor input (base_ch 8), exported for a 4-hop floor."""
     torch = pytest.importorskip("torch")
@@ -273,7 +239,7 @@ def test_missing_and_mismatched_models(tmp_path, tiny_onnx_factory):
     one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", wrong_bins), "expected [1, 1, 257, T]")
     wrong_rate = tiny_onnx_factory(tmp_path / "rate.onnx", metadata={"sample_rate": 48000})
     one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", wrong_rate), "sample_rate=48000")
-    for bad in ("-3200", "lots"):
+    for bad in ("-3200", "lots", "1600"):  # a model that wants context is refused, as one with a malformed field
         bad_context = tiny_onnx_factory(tmp_path / "context.onnx", metadata={"context_samp": bad})
         one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", bad_context), "context_samp")
     for bad in ("-1", "many"):
@@ -283,8 +249,6 @@ def test_missing_and_mismatched_models(tmp_path, tiny_onnx_factory):
     one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", one_input), "expected [1, 2, 257, T]")
     bad_silence = tiny_onnx_factory(tmp_path / "silence.onnx", metadata={"silent_log": "quiet"})
     one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", bad_silence), "bad silent_log")
-    both = tiny_onnx_factory(tmp_path / "both.onnx", metadata={"floor_hops": 20, "context_samp": 1600})
-    one_line_error(run_script("ml_denoiser_pipeline.py", *args, "--model", both), "one or the other")
     assert not (tmp_path / "out.wav").exists()
 
 
@@ -358,7 +322,7 @@ def test_mask_power_deepens_a_partial_mask(tmp_path, tiny_onnx_factory):
     y = P.MLChain(cfg, model_only=True).process(x)
     assert np.sqrt(np.mean(y[d:] ** 2) / np.mean(x[:-d] ** 2)) == pytest.approx(0.5, rel=0.02)
     for bad in (0.0, -1.0):
-        with pytest.raises(dsp.AudioError, match="MASK_POWER must be above 0"):
+        with pytest.raises(dsp.AudioError, match="MASK_POWER must be"):
             P.MLChain(P.default_config(model=str(model), mask_power=bad))
 
 
@@ -389,7 +353,7 @@ def test_crossfade_averages_the_two_windows_more_evenly(tmp_path, tiny_onnx_fact
     hann_w, flat_w = dsp.crossfade_window(3200, 1.0), dsp.crossfade_window(3200, 0.3)
     assert np.all(np.abs(flat_w[200:1400] - 0.5) <= np.abs(hann_w[200:1400] - 0.5))  # flatter: nearer even
     for bad in (0.0, -0.5):
-        with pytest.raises(dsp.AudioError, match="CROSSFADE_POWER must be above 0"):
+        with pytest.raises(dsp.AudioError, match="CROSSFADE_POWER must be"):
             P.MLChain(dsp.with_overrides(transparent_config(model), {"crossfade_power": bad}))
 
 
@@ -423,7 +387,7 @@ def test_phase_rounds_only_in_the_full_chain(tmp_path):
     only = [P.MLChain(P.default_config(model=str(model), phase_iters=k), model_only=True).process(x) for k in (0, 2)]
     assert np.array_equal(only[0], only[1])
     for bad in (-1, 1.5):
-        with pytest.raises(dsp.AudioError, match="PHASE_ITERS must be a whole number"):
+        with pytest.raises(dsp.AudioError, match="PHASE_ITERS must be"):
             P.MLChain(P.default_config(model=str(model), phase_iters=bad))
 
 
@@ -473,7 +437,7 @@ def test_pause_cut_turns_down_only_what_the_mask_calls_noise(tmp_path, tiny_onnx
     y = P.dsp.process_offline(P.MLChain(cfg, model_only=True), x)
     assert np.allclose(y, P.dsp.process_offline(P.MLChain(P.default_config(model=str(model)), model_only=True), x))
     for bad in ({"pause_depth_db": -3.0}, {"pause_below_db": -10.0, "pause_above_db": -12.0}):
-        with pytest.raises(dsp.AudioError, match="PAUSE_DEPTH_DB must be >= 0"):
+        with pytest.raises(dsp.AudioError, match="PAUSE_DEPTH_DB must be"):
             P.MLChain(P.default_config(model=str(model), **bad))
 
 
@@ -502,5 +466,5 @@ def test_pause_cut_closes_over_pause_release_hops(tmp_path):
     steps = np.diff(slow[first_cut - 1:first_cut + 4])
     assert np.all(steps < -1.5) and np.all(steps > -3.0)  # about 12 dB / 5 per hop
     assert slow[first_cut + 3] > -11.5 and np.allclose(slow[first_cut + 5:], -12.0, atol=0.05)
-    with pytest.raises(dsp.AudioError, match="PAUSE_RELEASE must be at least 1"):
+    with pytest.raises(dsp.AudioError, match="PAUSE_RELEASE must be"):
         P.MLChain(P.default_config(model=str(model), pause_release=0))
