@@ -33,9 +33,7 @@ import csv
 import importlib
 import re
 import shlex
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +44,11 @@ import numpy as np
 import peers
 from metrics import CONFIDENCE, DNSMOS_LEVEL_DBFS, MAX_LAG_MS, SAMPLE_RATE, Dnsmos, align, mean_ci, pesq_wb, \
     si_snr, stoi_score
-from peers import Method, Unavailable
+from peers import Method, PeerError, Unavailable, setup_command
 
 GOLDEN_METHODS = ("ml", "ml-model")  # --golden records these methods' per-file scores
 GOLDEN_PAIRS = 4  # --golden records the first this many scored pairs (the golden test re-runs them in CI)
 OUT_DIR = "eval_out"  # default output folder (git-ignored)
-SPEC_TARGETS = {"pesq": 3.0, "stoi": 0.85, "si_snri": 10.0}  # the spec's baselines to beat
 SETS = {"dev": "../shared/data/dev", "dev_real": "../shared/data/dev_real"}  # --sets: name -> folder of clean/ noisy/
 
 BEGIN_MARK = "<!-- eval:begin -->"
@@ -136,33 +133,6 @@ def setup_ml_variant(args, name, flags):
     cfg = ml_variant_config(name, flags, args.model)
     return _pipeline_method(name, f"ML pipeline `{flags}`", lambda x: dsp.process_offline(ml.MLChain(cfg), x),
                             ml.latency_ms(cfg))
-
-
-def setup_command(name, template):
-    """--cmd NAME "command {in} {out}": the command reads a 16 kHz float WAV and writes any WAV."""
-    import soundfile as sf
-    import dsp
-
-    def process(x):
-        with tempfile.TemporaryDirectory() as tmp:
-            src, dst = Path(tmp) / "in.wav", Path(tmp) / "out.wav"
-            sf.write(str(src), x, SAMPLE_RATE, subtype="FLOAT")
-            argv = [tok.replace("{in}", str(src)).replace("{out}", str(dst))
-                    for tok in shlex.split(template)]
-            try:
-                done = subprocess.run(argv, capture_output=True, text=True)
-            except OSError as exc:
-                raise EvalError(f"--cmd {name}: cannot run {argv[0]}: {exc.strerror}") from None
-            if done.returncode != 0:
-                last = (done.stderr.strip().splitlines() or ["no message"])[-1]
-                raise EvalError(f"--cmd {name}: exit code {done.returncode}: {last}")
-            try:
-                y = dsp.read_audio(dst)[0]
-            except dsp.AudioError as exc:
-                raise EvalError(f"--cmd {name}: {exc}") from None
-            return y
-
-    return Method(name, name, process, latency_ms=float("nan"))
 
 
 BUILTIN_METHODS = {  # name -> setup function; the order here is the table's order
@@ -320,7 +290,7 @@ def evaluate(pairs, setups, keep_outputs_for=None, progress=True, max_lag_ms=MAX
             try:
                 out = method.process(pair.noisy.copy())
             except Exception as exc:  # one broken method must not sink the whole evaluation
-                msg = str(exc) if isinstance(exc, EvalError) else f"{type(exc).__name__}: {exc}"
+                msg = str(exc) if isinstance(exc, (EvalError, PeerError)) else f"{type(exc).__name__}: {exc}"
                 notes.append(f"{name} stopped on {pair.name}: {msg}")
                 bar.update(len(pairs) - pairs.index(pair))
                 break
@@ -384,26 +354,6 @@ def results_table(rows, methods, with_reference):
         cells.append("-" if not method.timed else fmt_latency(method.latency_ms))
         if with_reference:
             cells.append(f"{s['lag_ms']:.1f}" if np.isfinite(s["lag_ms"]) else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def targets_table(rows, methods):
-    """The spec's baselines beside what our own pipelines reach."""
-    ours = [m for m in methods if m.name in ("ml", "ml-model", "dsp")]
-    if not ours:
-        return ""
-    summ = summary(rows, ours, True)
-    head = ["metric", "spec target"] + [m.label for m in ours]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key, title, dec, _ in METRICS:
-        if key not in SPEC_TARGETS:
-            continue
-        cells = [title, f"> {SPEC_TARGETS[key]:g}"]
-        for m in ours:
-            mean = summ[m.label][key][0]
-            mark = "" if not np.isfinite(mean) else (" ✓" if mean > SPEC_TARGETS[key] else " ✗")
-            cells.append(f"{mean:.{dec}f}{mark}" if np.isfinite(mean) else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -472,9 +422,6 @@ def plot_bars(out_dir, rows, methods, with_reference):
         ax.bar(range(len(shown)), means, yerr=halves, capsize=4, color=colors)
         ax.set_xticks(range(len(shown)), [m.label for m in shown], rotation=30, ha="right")
         ax.set_ylabel(title + ("" if higher else " (lower is better)"))
-        if key in SPEC_TARGETS:
-            ax.axhline(SPEC_TARGETS[key], color="tab:red", linestyle="--", label="spec target")
-            ax.legend(loc="upper right", fontsize=8)
         ax.set_title(f"{title}: mean and {int(CONFIDENCE * 100)}% interval")
         written.append(save_figure(fig, Path(out_dir) / f"bar_{key}.png"))
     return written
@@ -648,7 +595,7 @@ def resolve_sets(args):
 
 
 def report_set(args, name, pairs, rows, methods, with_ref, out_dir):
-    """One set's Markdown (table, spec targets, by-SNR breakdown), its CSV and charts under out_dir."""
+    """One set's Markdown (table, by-SNR breakdown), its CSV and charts under out_dir."""
     intro = (f"{len(pairs)} {'pairs' if with_ref else 'files'}; mean ± {int(CONFIDENCE * 100)}% "
              f"interval. RTF = processing time / audio duration on one CPU core. Lag = median "
              f"delay found by cross-correlation with the clean reference (outputs are aligned "
@@ -656,10 +603,7 @@ def report_set(args, name, pairs, rows, methods, with_ref, out_dir):
     if args.dnsmos_level is not None:
         intro += f" DNSMOS scored with every output at {args.dnsmos_level:g} dBFS RMS (--dnsmos-level)."
     table = results_table(rows, methods, with_ref)
-    targets = targets_table(rows, methods) if with_ref else ""
     md = ([f"## {name}", ""] if name else []) + [intro, "", table]
-    if targets:
-        md += ["", "Spec targets beside what our pipelines reach:", "", targets]
     if args.by_snr:
         text, snr_rows = snr_tables(rows, methods)
         md += ["", f"### {name + ': b' if name else 'B'}y input SNR", "", text]
@@ -670,7 +614,7 @@ def report_set(args, name, pairs, rows, methods, with_ref, out_dir):
               "dnsmos_bak", "dnsmos_ovrl", "rtf", "lag_ms", "note"]
     write_csv(out_dir / "scores.csv", rows, fields)
     plot_bars(out_dir, rows, methods, with_ref)
-    return "\n".join(md), intro, table, targets
+    return "\n".join(md), intro, table
 
 
 def run(args):
@@ -708,11 +652,11 @@ def run(args):
             raise EvalError("no method could run: " + "; ".join(notes))
         set_dir = out_dir / name if name else out_dir
         set_dir.mkdir(parents=True, exist_ok=True)
-        md, intro, table, targets = report_set(args, name, pairs, rows, methods, with_ref, set_dir)
+        md, intro, table = report_set(args, name, pairs, rows, methods, with_ref, set_dir)
         report += ["", md]
         readme += ([f"**{name}**: {intro}"] if name else [f"Generated by `{command}`: {intro}"]) + ["", table]
-        readme += (["", targets] if targets else []) + [""]
-        printed += ([f"{name}:"] if name else []) + [table] + (["", targets] if targets else []) + [""]
+        readme += [""]
+        printed += ([f"{name}:"] if name else []) + [table, ""]
         if index == 0:
             plot_spectrograms(out_dir, pairs[[p.name for p in pairs].index(chosen)], kept)
             if args.golden:

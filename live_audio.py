@@ -523,13 +523,7 @@ def run_live(chain, args):
             raise
         except Exception as exc:
             raise DeviceError("could not open the devices: %s" % exc)
-        algorithm, buffering, devices = engine.latency_parts_ms()
-        session.say("microphone: %d %s [%s, %d Hz]" % (mic_index, identities[0][0], identities[0][1], engine.in_rate))
-        session.say("cable:      %d %s [%s, %d Hz]" % (cable_index, identities[1][0], identities[1][1],
-                                                       engine.out_rate))
-        session.say("latency: %.1f ms total = %.1f ms algorithm + %.1f ms buffers + %.1f ms devices"
-                    % (algorithm + buffering + devices, algorithm, buffering, devices))
-        session.say(READY_LINE)
+        _announce(engine, session, identities, mic_index, cable_index)
         # The pipelines say how long their start-up takes to settle (STARTUP_BUFFER_MS); SETTLE_S otherwise.
         settle_s = opts["settle_s"]
         if settle_s is None:
@@ -562,20 +556,7 @@ def run_live(chain, args):
                             % (cushion_shown, engine._chain_burst_ms))
             if now >= next_status:
                 next_status = now + opts["status_interval_s"]
-                try:
-                    chain_status = dict(chain.status() or {})
-                except Exception:  # a status display must never stop the audio
-                    chain_status = {}
-                session.status(format_status(engine, chain_status, engine.take_levels()))
-                c = engine.counts
-                session.warn("underruns", c["underruns"], "processing or the microphone is late: raise --out-target-ms")
-                session.warn("overruns", c["overruns"], "buffers overflowed: processing stalled or too slow")
-                session.warn("realigns", c["realigns"], "latency was cut back (devices drift, or processing stalled)")
-                hop, budget = chain_status.get("hop_ms"), chain_status.get("hop_budget_ms")
-                if hop is not None and budget and hop > budget:
-                    slow_hops += 1
-                    session.warn("slow hops", slow_hops,
-                                 "processing took %.1f ms for a %.1f ms hop: slower than real time" % (hop, budget))
+                slow_hops += _show_status(engine, session, chain, slow_hops)
     except KeyboardInterrupt:
         pass
     except DeviceError as exc:
@@ -593,6 +574,34 @@ def run_live(chain, args):
             STATS_PREFIX, seconds, " ".join("%s=%d" % kv for kv in engine.counts.items()),
             " ".join("settled_%s=%d" % kv for kv in settled.items())))
     return code
+
+
+def _announce(engine, session, identities, mic_index, cable_index):
+    algorithm, buffering, devices = engine.latency_parts_ms()
+    session.say("microphone: %d %s [%s, %d Hz]" % (mic_index, identities[0][0], identities[0][1], engine.in_rate))
+    session.say("cable:      %d %s [%s, %d Hz]" % (cable_index, identities[1][0], identities[1][1], engine.out_rate))
+    session.say("latency: %.1f ms total = %.1f ms algorithm + %.1f ms buffers + %.1f ms devices"
+                % (algorithm + buffering + devices, algorithm, buffering, devices))
+    session.say(READY_LINE)
+
+
+def _show_status(engine, session, chain, slow_hops):
+    """The status line and the warnings it leads to; returns 1 when this hop was slower than real time."""
+    try:
+        chain_status = dict(chain.status() or {})
+    except Exception:  # a status display must never stop the audio
+        chain_status = {}
+    session.status(format_status(engine, chain_status, engine.take_levels()))
+    c = engine.counts
+    session.warn("underruns", c["underruns"], "processing or the microphone is late: raise --out-target-ms")
+    session.warn("overruns", c["overruns"], "buffers overflowed: processing stalled or too slow")
+    session.warn("realigns", c["realigns"], "latency was cut back (devices drift, or processing stalled)")
+    hop, budget = chain_status.get("hop_ms"), chain_status.get("hop_budget_ms")
+    if hop is not None and budget and hop > budget:
+        session.warn("slow hops", slow_hops + 1,
+                     "processing took %.1f ms for a %.1f ms hop: slower than real time" % (hop, budget))
+        return 1
+    return 0
 
 
 def _lost_device(engine, input_silent_s, output_silent_s, stall_s=DEVICE_STALL_S):

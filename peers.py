@@ -9,6 +9,9 @@ they pull heavy or broken dependencies: only their C libraries and ONNX files ar
 """
 import ctypes
 import importlib.util
+import shlex
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,6 +36,10 @@ GTCRN_MODEL = Path(__file__).resolve().parent.parent / "shared" / "peers" / "gtc
 
 class Unavailable(Exception):
     """A method cannot run here (peer not installed, model missing); it is skipped with a note."""
+
+
+class PeerError(Exception):
+    """A method failed on a file; its one-line message becomes the evaluation's note."""
 
 @dataclass
 class Method:
@@ -289,6 +296,33 @@ def setup_noisereduce(args) -> Method:
                                         n_jobs=1).astype(np.float32)
 
     return Method("noisereduce", "noisereduce (non-stationary)", process, None)
+
+
+def setup_command(name, template):
+    """--cmd NAME "command {in} {out}": the command reads a 16 kHz float WAV and writes any WAV."""
+    import soundfile as sf
+    import dsp
+
+    def process(x):
+        with tempfile.TemporaryDirectory() as tmp:
+            src, dst = Path(tmp) / "in.wav", Path(tmp) / "out.wav"
+            sf.write(str(src), x, SAMPLE_RATE, subtype="FLOAT")
+            argv = [tok.replace("{in}", str(src)).replace("{out}", str(dst))
+                    for tok in shlex.split(template)]
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True)
+            except OSError as exc:
+                raise PeerError(f"--cmd {name}: cannot run {argv[0]}: {exc.strerror}") from None
+            if done.returncode != 0:
+                last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+                raise PeerError(f"--cmd {name}: exit code {done.returncode}: {last}")
+            try:
+                y = dsp.read_audio(dst)[0]
+            except dsp.AudioError as exc:
+                raise PeerError(f"--cmd {name}: {exc}") from None
+            return y
+
+    return Method(name, name, process, latency_ms=float("nan"))
 
 
 PEERS = {"rnnoise": setup_rnnoise, "nsnet2": setup_nsnet2, "dtln": setup_dtln, "gtcrn": setup_gtcrn,
