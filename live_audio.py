@@ -6,9 +6,11 @@ and `python list_devices.py` lists the devices it can use. The pipelines add its
 
 How audio flows: the sounddevice input callback copies each block into a bounded ring buffer; a processing
 thread runs the chain (resampling first when a device refuses 16 kHz); a second bounded ring buffer feeds the
-output callback. Callbacks only copy samples. Latency cannot creep: when a buffer backs up beyond its limit the
-pipeline drops the oldest audio to catch up (a "realign", counted); when the output buffer runs dry it plays
-silence (an "underrun", counted) until the cushion is refilled.
+output callback. Callbacks only copy samples. The delay is set once: before the devices start, the chain runs on
+a second of silence (warm_up), and the output cushion is sized to cover its slowest call with a margin. After that
+it never moves: when the chain is late and the output runs dry, the output fades out, plays silence (an
+"underrun", counted) and, when audio returns, skips what the silence stood in for and fades back in; when a
+buffer backs up beyond its limit the oldest audio is dropped (a "realign", counted).
 
 Devices (lookup, listing, the Linux sound server's virtual devices) are devices.py's.
 
@@ -28,8 +30,12 @@ from dsp import SAMPLE_RATE  # the chains' rate; devices that refuse it are resa
 
 BLOCK_MS = 10  # device callback period: smaller lowers latency but wakes the CPU more often; 5..40
 DEVICE_LATENCY = "low"  # PortAudio's suggested device latency: "low", "high" or seconds; "high" if audio crackles
-OUT_TARGET_MS = 40  # output cushion refilled before playing (start, after an underrun): raise if underruns; 10..200 (30 underran once in a CI run)
-OUT_TARGET_MAX_MS = 250  # the cushion grows to cover the chain's slowest repeated call up to this; 50..1000
+OUT_TARGET_MS = 40  # output cushion for device and scheduling jitter, on top of the chain's measured slow call;
+                    # raise if the status line counts dropouts; 0..5000
+CUSHION_MARGIN = 1.5  # the cushion covers the chain's slowest warm-up call times this; up = safer, more delay; 1..10
+OUT_TARGET_MAX_MS = 250  # the cushion never exceeds this, whatever the warm-up measured; 50..1000
+WARMUP_S = 1.0  # seconds of silence run through the chain before the devices start, to time its slow calls; 0..10
+FADE_MS = 2.0  # a dropout fades out and back in over this (no clicks); the output holds this much back; 0.1..20
 OUT_REALIGN_MS = 80  # output backlog above the cushion that triggers a realign: lower = tighter latency; 20..500
 IN_REALIGN_MS = 150  # input backlog (processing fell behind) that triggers a realign; 50..1000
 BUFFER_CAP_MS = 1000  # hard size of each ring buffer; audio beyond it is dropped as an overrun; 200..5000
@@ -38,7 +44,6 @@ WARN_INTERVAL_S = 5.0  # at most one warning of each kind per this many seconds;
 RETRY_INTERVAL_S = 1.0  # how often a lost device is looked for again; 0.2..10
 DEVICE_STALL_S = 1.5  # a device whose callbacks stop this long is treated as lost (sleep, unplug); 0.5..10
 RESAMPLE_QUALITY = "LQ"  # soxr quality when a device refuses 16 kHz: "LQ" least delay; "HQ" adds ~50 ms of bursts
-CALL_WINDOW = 256  # chain calls remembered for sizing the cushion (~2.5 s at 10 ms blocks); 64..4096
 SETTLE_S = 0.5  # seconds of start-up not counted in settled_* (a chain's startup_ms wins); 0..5
 
 STATS_PREFIX = "stats:"  # the final summary line starts with this (tests and scripts parse it)
@@ -120,6 +125,7 @@ class LiveEngine:
         self._wake = threading.Event()
         self._levels = [0.0, 0, 0.0, 0]  # input power sum, input samples, output power sum, output samples
         self._proc_time = [0.0, 0.0]  # seconds spent in chain.process, seconds of audio it handled
+        self.chain_burst_ms = 0.0  # how late the chain's slow calls return (warm_up), times the margin
         self.configure(SAMPLE_RATE, SAMPLE_RATE)
 
     # -- set-up --------------------------------------------------------------------------------------------------
@@ -136,33 +142,37 @@ class LiveEngine:
             self.in_resampler = self._make_resampler(self.in_rate, SAMPLE_RATE)
         if self.out_rate != SAMPLE_RATE:
             self.out_resampler = self._make_resampler(SAMPLE_RATE, self.out_rate)
-        self._chain_burst_ms = 0.0
-        self._call_ms = np.zeros(CALL_WINDOW, np.float64)  # recent chain.process() durations
-        self._calls = 0
         self._set_cushion()
-        self._priming = True
+        self._priming = True  # at start: silence until the cushion is full, once
+        self._fade = max(1, int(FADE_MS * self.out_rate / 1000))
+        self._ramp = np.linspace(0.0, 1.0, self._fade + 2, dtype=np.float32)[1:-1, None]
+        self._dropout = False
+        self._debt = 0  # output samples a dropout stood in for: dropped when audio returns, so the delay stays
 
     def _set_cushion(self):
         """Output cushion = OUT_TARGET_MS + what arrives in bursts: soxr releases blocks, and a chain that runs a
-        model once per hop returns late on that call (the output drains meanwhile)."""
-        cushion_ms = min(self.out_target_ms + self._resampler_burst_ms + self._chain_burst_ms,
+        model once per hop returns late on that call (the output drains meanwhile), by as much as warm_up
+        measured. Set once before the devices start: the delay from microphone to cable never moves after."""
+        cushion_ms = min(self.out_target_ms + self._resampler_burst_ms + self.chain_burst_ms,
                          max(self.out_target_ms, OUT_TARGET_MAX_MS))
         target = max(1, int(cushion_ms * self.out_rate / 1000))
         self._out_realign = target + max(1, self.out_realign_ms * self.out_rate // 1000)
         self._out_target = target
         self.cushion_ms = cushion_ms
 
-    def _note_call(self, call_ms):
-        """Track the chain's repeated slow calls (its third slowest of the last CALL_WINDOW: a one-off stall is
-        not a reason to keep a bigger cushion) and resize the cushion when that moves."""
-        self._call_ms[self._calls % CALL_WINDOW] = call_ms
-        self._calls += 1
-        if self._calls % 32:
-            return
-        burst = float(np.partition(self._call_ms, CALL_WINDOW - 3)[CALL_WINDOW - 3])
-        if burst > self._chain_burst_ms + 1.0 or burst < self._chain_burst_ms - 5.0:
-            self._chain_burst_ms = burst
-            self._set_cushion()
+    def warm_up(self, seconds=WARMUP_S, margin=CUSHION_MARGIN):
+        """Run the chain on silence in device-sized blocks and size the cushion from its slowest call (its third
+        slowest: onnxruntime allocates on the first runs). The chain then starts as on a silent microphone."""
+        block = np.zeros(max(1, self.block_ms * SAMPLE_RATE // 1000), np.float32)
+        times = []
+        for _ in range(max(0, int(seconds * 1000 / self.block_ms))):
+            started = time.perf_counter()
+            self.chain.process(block)
+            times.append(1000.0 * (time.perf_counter() - started))
+        slow = sorted(times)[-3] if len(times) >= 3 else max(times, default=0.0)
+        self.chain_burst_ms = margin * slow
+        self._set_cushion()
+        return self.chain_burst_ms
 
     def _make_resampler(self, from_rate, to_rate):
         """A soxr stream, after measuring on a twin fed with silence how long it holds samples back and how
@@ -189,26 +199,58 @@ class LiveEngine:
         self._wake.set()
 
     def on_output(self, outdata, frames, time_info, status):
+        """Play the cushion's oldest samples. The delay is fixed once playing starts: when the chain is late and the
+        ring runs dry, the output fades out, plays silence (a dropout, counted once as an underrun) and, when audio
+        returns, skips exactly the samples the silence stood in for, fading back in. FADE_MS samples are always
+        held back, so the fade-out has audio to fade."""
         self.out_calls += 1
         if status:
             self.counts["device_xruns"] += 1
-        ring = self.out_ring
+        ring, out = self.out_ring, outdata[:, :1]
         depth = ring.depth()
         if self._priming:
-            if depth < max(self._out_target, frames):
+            if depth < max(self._out_target, frames) + self._fade:
                 outdata.fill(0)
                 return
             self._priming = False
-        elif depth > self._out_realign:
-            ring.skip(depth - self._out_target)
-            self.counts["realigns"] += 1
-        got = ring.read_into(outdata[:, 0])
-        if got < frames:
-            outdata[got:, 0] = 0.0
+            if depth > self._out_target + self._fade:  # a burst filled it past the cushion: start at the cushion
+                ring.skip(depth - self._out_target - self._fade)
+                depth = self._out_target + self._fade
+        if self._dropout:
+            drop = min(self._debt, depth)
+            ring.skip(drop)
+            self._debt -= drop
+            depth -= drop
+            if self._debt or depth < frames + self._fade:
+                outdata.fill(0)
+                self._debt += frames
+                return
+            self._dropout, fade_in = False, True
+        else:
+            fade_in = False
+            if depth > self._out_realign:
+                ring.skip(depth - self._out_target)
+                self.counts["realigns"] += 1
+                depth = self._out_target
+        if depth >= frames + self._fade:
+            ring.read_into(out[:, 0])
+        else:  # running dry: play what there is, faded out, and owe the rest
+            got = ring.read_into(out[:depth, 0])
+            n = min(self._fade, got)
+            out[got - n:got] *= self._ramp[::-1][self._fade - n:]
+            out[got:] = 0.0
             self.counts["underruns"] += 1
-            self._priming = True
+            self._dropout, self._debt = True, frames - got
+        if fade_in:
+            n = min(self._fade, frames)
+            out[:n] *= self._ramp[:n]
         if outdata.shape[1] > 1:
             outdata[:, 1:] = outdata[:, :1]
+
+    def credit(self, in_samples):
+        """Input the processing thread dropped stands for output a dropout still owes."""
+        if self._dropout:
+            self._debt = max(0, self._debt - int(in_samples * self.out_rate / self.in_rate))
 
     # -- processing thread ---------------------------------------------------------------------------------------
     def start_processing(self):
@@ -241,8 +283,12 @@ class LiveEngine:
                 # at least ~15.6 ms on Windows.
                 self._wake.wait(0.05)
                 continue
-            if depth > self._in_realign:
-                in_ring.skip(depth - self._in_block)
+            # A backlog behind a dropout is caught up on (the output drops what it already stood in for, so the
+            # delay stays); one with no dropout means the input runs ahead of the output: cut back, counted.
+            if depth > (in_ring.capacity // 2 if self._dropout else self._in_realign):
+                keep = self._in_block + (self._out_target * self.in_rate // self.out_rate if self._dropout else 0)
+                in_ring.skip(depth - keep)
+                self.credit(depth - keep)
                 self.counts["realigns"] += 1
             n = in_ring.read_into(scratch)
             x = scratch[:n].copy()
@@ -253,7 +299,6 @@ class LiveEngine:
             started = time.perf_counter()
             y = np.asarray(self.chain.process(x), dtype=np.float32)
             took = time.perf_counter() - started
-            self._note_call(1000.0 * took)
             self._proc_time[0] += took
             self._proc_time[1] += len(x) / SAMPLE_RATE
             self._levels[0] += float(np.dot(x, x))
@@ -321,7 +366,7 @@ class LiveEngine:
     def latency_parts_ms(self):
         """(algorithm, buffering, devices) in ms: what a sample spends from microphone to cable."""
         algorithm = 1000.0 * self.chain.latency_samples / SAMPLE_RATE
-        buffering = self.block_ms + self.cushion_ms + self.resampler_delay_ms()
+        buffering = self.block_ms + self.cushion_ms + FADE_MS + self.resampler_delay_ms()
         return algorithm, buffering, self.device_latency_ms()
 
     # -- status --------------------------------------------------------------------------------------------------
@@ -379,7 +424,11 @@ def add_arguments(parser, mic_default=None, cable_default=None):
     group.add_argument("--quiet", action="store_true", help="no status line")
     group.add_argument("--list", action="store_true", help="list sound devices and exit")
     group.add_argument("--block-ms", type=int, default=BLOCK_MS, help="device callback period, ms")
-    group.add_argument("--out-target-ms", type=int, default=OUT_TARGET_MS, help="output cushion, ms")
+    group.add_argument("--out-target-ms", type=int, default=OUT_TARGET_MS,
+                       help="output cushion for jitter on top of the chain's slow call, ms")
+    group.add_argument("--cushion-margin", type=float, default=CUSHION_MARGIN,
+                       help="the cushion covers the chain's slowest warm-up call times this")
+    group.add_argument("--warmup-s", type=float, default=WARMUP_S, help="warm-up that times the chain, s")
     group.add_argument("--out-realign-ms", type=int, default=OUT_REALIGN_MS,
                        help="output backlog above the cushion that triggers a realign, ms")
     group.add_argument("--in-realign-ms", type=int, default=IN_REALIGN_MS,
@@ -408,6 +457,7 @@ def _option(args, name, default):
 
 def _check_options(args):
     limits = (("block_ms", BLOCK_MS, 1, 200), ("out_target_ms", OUT_TARGET_MS, 0, 5000),
+              ("cushion_margin", CUSHION_MARGIN, 1, 10), ("warmup_s", WARMUP_S, 0, 10),
               ("out_realign_ms", OUT_REALIGN_MS, 1, 5000), ("in_realign_ms", IN_REALIGN_MS, 1, 5000),
               ("buffer_cap_ms", BUFFER_CAP_MS, 50, 60000), ("status_interval_s", STATUS_INTERVAL_S, 0.05, 60),
               ("warn_interval_s", WARN_INTERVAL_S, 0, 3600), ("retry_interval_s", RETRY_INTERVAL_S, 0.05, 60),
@@ -512,6 +562,7 @@ def run_live(chain, args):
                         buffer_cap_ms=opts["buffer_cap_ms"], device_latency=opts["device_latency"],
                         resample_quality=opts["resample_quality"])
     session = _Session(chain, args, out, err, opts["warn_interval_s"])
+    engine.warm_up(opts["warmup_s"], opts["cushion_margin"])
     old_handlers = _install_stop_signals()
     started = None
     settled_base = None
@@ -532,7 +583,6 @@ def run_live(chain, args):
         next_status = started + opts["status_interval_s"]
         calls, last_call = [engine.in_calls, engine.out_calls], [started, started]
         slow_hops = 0
-        cushion_shown = engine.cushion_ms
         while True:
             time.sleep(0.05)
             now = time.monotonic()
@@ -550,10 +600,6 @@ def run_live(chain, args):
                 now = time.monotonic()
                 calls, last_call = [engine.in_calls, engine.out_calls], [now, now]
                 continue
-            if abs(engine.cushion_ms - cushion_shown) > 5:
-                cushion_shown = engine.cushion_ms
-                session.say("output cushion now %.0f ms: the chain's slow calls (a model run per hop) take %.0f ms"
-                            % (cushion_shown, engine._chain_burst_ms))
             if now >= next_status:
                 next_status = now + opts["status_interval_s"]
                 slow_hops += _show_status(engine, session, chain, slow_hops)
@@ -582,6 +628,8 @@ def _announce(engine, session, identities, mic_index, cable_index):
     session.say("cable:      %d %s [%s, %d Hz]" % (cable_index, identities[1][0], identities[1][1], engine.out_rate))
     session.say("latency: %.1f ms total = %.1f ms algorithm + %.1f ms buffers + %.1f ms devices"
                 % (algorithm + buffering + devices, algorithm, buffering, devices))
+    session.say("output cushion: %.0f ms, fixed (covers the chain's slowest warm-up call x margin, %.0f ms); "
+                "a late hop becomes a faded dropout, not more delay" % (engine.cushion_ms, engine.chain_burst_ms))
     session.say(READY_LINE)
 
 
