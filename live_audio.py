@@ -7,8 +7,9 @@ and `python list_devices.py` lists the devices it can use. The pipelines add its
 How audio flows: the sounddevice input callback copies each block into a bounded ring buffer; a processing
 thread runs the chain (resampling first when a device refuses 16 kHz); a second bounded ring buffer feeds the
 output callback. Callbacks only copy samples. The delay is set once: before the devices start, the chain runs on
-a second of silence (warm_up), and the output cushion is sized to cover its slowest call with a margin. After that
-it never moves: when the chain is late and the output runs dry, the output fades out, plays silence (an
+a second of silence (warm_up), and the output cushion is sized to cover its slowest call with a margin; in the first
+SETTLE_DELAY_S of audio, running dry refills the cushion (the delay grows by what the devices' own jitter needs).
+After that it never moves: when the chain is late and the output runs dry, the output fades out, plays silence (an
 "underrun", counted) and, when audio returns, skips what the silence stood in for and fades back in; when a
 buffer backs up beyond its limit the oldest audio is dropped (a "realign", counted).
 
@@ -36,6 +37,8 @@ CUSHION_MARGIN = 1.5  # the cushion covers the chain's slowest warm-up call time
 OUT_TARGET_MAX_MS = 250  # the cushion never exceeds this, whatever the warm-up measured; 50..1000
 WARMUP_S = 1.0  # seconds of silence run through the chain before the devices start, to time its slow calls; 0..10
 FADE_MS = 2.0  # a dropout fades out and back in over this (no clicks); the output holds this much back; 0.1..20
+SETTLE_DELAY_S = 5.0  # for this long after the audio starts, running dry grows the delay by what was missing (the
+                      # devices' own jitter is found); after it the delay is fixed and a late hop is a dropout; 0..60
 OUT_REALIGN_MS = 80  # output backlog above the cushion that triggers a realign: lower = tighter latency; 20..500
 IN_REALIGN_MS = 150  # input backlog (processing fell behind) that triggers a realign; 50..1000
 BUFFER_CAP_MS = 1000  # hard size of each ring buffer; audio beyond it is dropped as an overrun; 200..5000
@@ -106,8 +109,9 @@ class LiveEngine:
 
     def __init__(self, chain, block_ms=BLOCK_MS, out_target_ms=OUT_TARGET_MS, out_realign_ms=OUT_REALIGN_MS,
                  in_realign_ms=IN_REALIGN_MS, buffer_cap_ms=BUFFER_CAP_MS, device_latency=DEVICE_LATENCY,
-                 resample_quality=RESAMPLE_QUALITY):
+                 resample_quality=RESAMPLE_QUALITY, settle_delay_s=SETTLE_DELAY_S):
         self.chain = chain
+        self.settle_delay_s = settle_delay_s
         self.block_ms = block_ms
         self.out_target_ms = out_target_ms
         self.out_realign_ms = out_realign_ms
@@ -148,6 +152,9 @@ class LiveEngine:
         self._ramp = np.linspace(0.0, 1.0, self._fade + 2, dtype=np.float32)[1:-1, None]
         self._dropout = False
         self._debt = 0  # output samples a dropout stood in for: dropped when audio returns, so the delay stays
+        self._playing_since = None  # output callback count when audio first played
+        self._settle_calls = int(self.settle_delay_s * 1000 / self.block_ms)
+        self.settle_growth_ms = 0.0
 
     def _set_cushion(self):
         """Output cushion = OUT_TARGET_MS + what arrives in bursts: soxr releases blocks, and a chain that runs a
@@ -199,23 +206,30 @@ class LiveEngine:
         self._wake.set()
 
     def on_output(self, outdata, frames, time_info, status):
-        """Play the cushion's oldest samples. The delay is fixed once playing starts: when the chain is late and the
-        ring runs dry, the output fades out, plays silence (a dropout, counted once as an underrun) and, when audio
-        returns, skips exactly the samples the silence stood in for, fading back in. FADE_MS samples are always
-        held back, so the fade-out has audio to fade."""
+        """Play the cushion's oldest samples. While settling (the first SETTLE_DELAY_S of audio) a dry ring is
+        refilled to the cushion, which grows the delay by what the devices' jitter needed. After that the delay is
+        fixed: when the chain is late and the ring runs dry, the output fades out, plays silence (a dropout, counted
+        once as an underrun) and, when audio returns, skips exactly the samples the silence stood in for, fading
+        back in. FADE_MS samples are always held back, so a fade-out has audio to fade."""
         self.out_calls += 1
         if status:
             self.counts["device_xruns"] += 1
         ring, out = self.out_ring, outdata[:, :1]
         depth = ring.depth()
+        fade_in = False
         if self._priming:
             if depth < max(self._out_target, frames) + self._fade:
                 outdata.fill(0)
+                if self._playing_since is not None:  # a refill while settling: the delay grows by this block
+                    self.settle_growth_ms += 1000.0 * frames / self.out_rate
                 return
             self._priming = False
-            if depth > self._out_target + self._fade:  # a burst filled it past the cushion: start at the cushion
-                ring.skip(depth - self._out_target - self._fade)
-                depth = self._out_target + self._fade
+            fade_in = self._playing_since is not None  # back from a refill
+            if self._playing_since is None:  # the very start: a burst may have filled it past the cushion
+                self._playing_since = self.out_calls
+                if depth > self._out_target + self._fade:
+                    ring.skip(depth - self._out_target - self._fade)
+                    depth = self._out_target + self._fade
         if self._dropout:
             drop = min(self._debt, depth)
             ring.skip(drop)
@@ -226,21 +240,24 @@ class LiveEngine:
                 self._debt += frames
                 return
             self._dropout, fade_in = False, True
-        else:
-            fade_in = False
-            if depth > self._out_realign:
-                ring.skip(depth - self._out_target)
-                self.counts["realigns"] += 1
-                depth = self._out_target
+        elif depth > self._out_realign:
+            ring.skip(depth - self._out_target)
+            self.counts["realigns"] += 1
+            depth = self._out_target
         if depth >= frames + self._fade:
             ring.read_into(out[:, 0])
-        else:  # running dry: play what there is, faded out, and owe the rest
+        else:  # running dry: play what there is, faded out
             got = ring.read_into(out[:depth, 0])
             n = min(self._fade, got)
             out[got - n:got] *= self._ramp[::-1][self._fade - n:]
             out[got:] = 0.0
             self.counts["underruns"] += 1
-            self._dropout, self._debt = True, frames - got
+            if self.out_calls - self._playing_since < self._settle_calls:
+                self._priming = True  # settling: refill, the delay grows
+                self.settle_growth_ms += 1000.0 * (frames - got) / self.out_rate
+            else:
+                self._dropout, self._debt = True, frames - got  # owe the rest
+            fade_in = False
         if fade_in:
             n = min(self._fade, frames)
             out[:n] *= self._ramp[:n]
@@ -628,8 +645,9 @@ def _announce(engine, session, identities, mic_index, cable_index):
     session.say("cable:      %d %s [%s, %d Hz]" % (cable_index, identities[1][0], identities[1][1], engine.out_rate))
     session.say("latency: %.1f ms total = %.1f ms algorithm + %.1f ms buffers + %.1f ms devices"
                 % (algorithm + buffering + devices, algorithm, buffering, devices))
-    session.say("output cushion: %.0f ms, fixed (covers the chain's slowest warm-up call x margin, %.0f ms); "
-                "a late hop becomes a faded dropout, not more delay" % (engine.cushion_ms, engine.chain_burst_ms))
+    session.say("output cushion: %.0f ms (covers the chain's slowest warm-up call x margin, %.0f ms); the delay is "
+                "fixed %g s after the audio starts, and a late hop then becomes a faded dropout, not more delay"
+                % (engine.cushion_ms, engine.chain_burst_ms, SETTLE_DELAY_S))
     session.say(READY_LINE)
 
 

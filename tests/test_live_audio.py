@@ -170,7 +170,7 @@ def test_a_stall_is_a_faded_dropout_and_the_delay_does_not_move():
     rng = np.random.default_rng(3)
     x = (0.1 * rng.standard_normal(2 * RATE)).astype(np.float32)
     engine = live_audio.LiveEngine(DelayChain(320, stall_after=RATE // 2, stall_s=0.4), out_target_ms=30,
-                                   in_realign_ms=150)
+                                   in_realign_ms=150, settle_delay_s=0)
     y = _feed(engine, x, pace_s=0.01)
     assert engine.counts["underruns"] >= 1 and engine.counts["overruns"] == 0
     before = _lag(x[:RATE // 2], y[:RATE // 2 + 4000])
@@ -187,6 +187,22 @@ def test_a_stall_is_a_faded_dropout_and_the_delay_does_not_move():
     ratio = np.abs(y[faded]) / np.maximum(np.abs(x[src][faded]), 1e-9)
     fade = int(live_audio.FADE_MS * RATE / 1000)
     assert np.all(ratio <= 1.0 + 1e-6) and faded.sum() <= 2 * fade * max(1, engine.counts["underruns"])
+
+
+def test_while_settling_running_dry_grows_the_delay_once():
+    """In the first SETTLE_DELAY_S the devices' own jitter is found: a stall then refills the cushion, so the
+    delay grows by what was missing (once, reported as settle_growth_ms) and stays there."""
+    rng = np.random.default_rng(4)
+    x = (0.1 * rng.standard_normal(2 * RATE)).astype(np.float32)
+    engine = live_audio.LiveEngine(DelayChain(320, stall_after=RATE // 2, stall_s=0.1), out_target_ms=30,
+                                   settle_delay_s=5.0)
+    y = _feed(engine, x, pace_s=0.01)
+    before = _lag(x[:RATE // 2], y[:RATE // 2 + 4000])
+    tail = slice(len(y) - RATE // 2, len(y))
+    after = _lag(x, np.concatenate([np.zeros(tail.start, np.float32), y[tail]]))
+    assert engine.counts["underruns"] == 1 and engine.settle_growth_ms > 0
+    assert after - before == pytest.approx(engine.settle_growth_ms * RATE / 1000, abs=200)
+    assert np.array_equal(y[tail], x[tail.start - after:tail.stop - after])
 
 
 def test_warm_up_sizes_the_cushion_once_for_a_chain_that_runs_once_per_hop():
