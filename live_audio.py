@@ -29,25 +29,30 @@ from devices import (DeviceError, channels_key, check_not_own_output, device_ide
                      parse_device_spec, print_devices, rescan_devices, resolve, settings_ok, sounddevice_module)
 from dsp import SAMPLE_RATE  # the chains' rate; devices that refuse it are resampled to and from it
 
-BLOCK_MS = 10  # device callback period: smaller lowers latency but wakes the CPU more often; 5..40
-DEVICE_LATENCY = "low"  # PortAudio's suggested device latency: "low", "high" or seconds; "high" if audio crackles
-OUT_TARGET_MS = 40  # output cushion for device and scheduling jitter, on top of the chain's measured slow call;
-                    # raise if the status line counts dropouts; 0..5000
-CUSHION_MARGIN = 1.5  # the cushion covers the chain's slowest warm-up call times this; up = safer, more delay; 1..10
-OUT_TARGET_MAX_MS = 250  # the cushion never exceeds this, whatever the warm-up measured; 50..1000
-WARMUP_S = 1.0  # seconds of silence run through the chain before the devices start, to time its slow calls; 0..10
-FADE_MS = 2.0  # a dropout fades out and back in over this (no clicks); the output holds this much back; 0.1..20
-SETTLE_DELAY_S = 5.0  # for this long after the audio starts, running dry grows the delay by what was missing (the
-                      # devices' own jitter is found); after it the delay is fixed and a late hop is a dropout; 0..60
-OUT_REALIGN_MS = 80  # output backlog above the cushion that triggers a realign: lower = tighter latency; 20..500
-IN_REALIGN_MS = 150  # input backlog (processing fell behind) that triggers a realign; 50..1000
-BUFFER_CAP_MS = 1000  # hard size of each ring buffer; audio beyond it is dropped as an overrun; 200..5000
-STATUS_INTERVAL_S = 0.5  # status line refresh period; 0.2..5
-WARN_INTERVAL_S = 5.0  # at most one warning of each kind per this many seconds; 1..60
-RETRY_INTERVAL_S = 1.0  # how often a lost device is looked for again; 0.2..10
-DEVICE_STALL_S = 1.5  # a device whose callbacks stop this long is treated as lost (sleep, unplug); 0.5..10
-RESAMPLE_QUALITY = "LQ"  # soxr quality when a device refuses 16 kHz: "LQ" least delay; "HQ" adds ~50 ms of bursts
-SETTLE_S = 0.5  # seconds of start-up not counted in settled_* (a chain's startup_ms wins); 0..5
+# ---- tunables: each a flag of both pipelines (--block-ms ...); [low, high] is the range each may take ---------
+BLOCK_MS = 10              # [1, 200] device callback period, ms: smaller lowers latency but wakes the CPU more often
+DEVICE_LATENCY = "low"     # PortAudio's suggested device latency: "low", "high" or seconds; "high" if audio crackles
+OUT_TARGET_MS = 40         # [0, 5000] output cushion for device and scheduling jitter, ms, on top of the chain's
+                           # measured slow call; raise it if the status line counts dropouts (crackle)
+CUSHION_MARGIN = 1.5       # [1, 10] the cushion covers the chain's slowest warm-up call times this; up = safer, more delay
+OUT_TARGET_MAX_MS = 250    # [50, 5000] the cushion never exceeds this, ms, whatever the warm-up measured
+WARMUP_S = 1.0             # [0, 10] seconds of silence run through the chain before the devices start, to time it
+FADE_MS = 2.0              # [0.1, 20] a dropout fades out and back in over this, ms; the output holds this much back
+SETTLE_DELAY_S = 5.0       # [0, 60] for this long after the audio starts, running dry grows the delay by what was
+                           # missing (the devices' own jitter is found); after it the delay is fixed
+OUT_REALIGN_MS = 80        # [1, 5000] output backlog above the cushion that triggers a realign, ms; lower = tighter
+IN_REALIGN_MS = 150        # [1, 5000] input backlog (processing fell behind) that triggers a realign, ms
+BUFFER_CAP_MS = 1000       # [50, 60000] hard size of each ring buffer, ms; audio beyond it is dropped as an overrun
+STATUS_INTERVAL_S = 0.5    # [0.05, 60] status line refresh period, s
+WARN_INTERVAL_S = 5.0      # [0, 3600] at most one warning of each kind per this many seconds
+RETRY_INTERVAL_S = 1.0     # [0.05, 60] how often a lost device is looked for again, s
+DEVICE_STALL_S = 1.5       # [0.1, 60] a device whose callbacks stop this long, s, is treated as lost (sleep, unplug)
+RESAMPLE_QUALITY = "LQ"    # soxr quality when a device refuses 16 kHz: QQ, LQ (least delay), MQ, HQ, VHQ (more delay)
+SETTLE_S = 0.5             # seconds of start-up not counted in settled_* (a chain's startup_ms wins; --settle-s)
+# ------------------------------------------------------------------------------------------------------------
+LIVE_FLAGS = ["BLOCK_MS", "DEVICE_LATENCY", "OUT_TARGET_MS", "CUSHION_MARGIN", "OUT_TARGET_MAX_MS", "WARMUP_S",
+              "FADE_MS", "SETTLE_DELAY_S", "OUT_REALIGN_MS", "IN_REALIGN_MS", "BUFFER_CAP_MS", "STATUS_INTERVAL_S",
+              "WARN_INTERVAL_S", "RETRY_INTERVAL_S", "DEVICE_STALL_S", "RESAMPLE_QUALITY"]
 
 STATS_PREFIX = "stats:"  # the final summary line starts with this (tests and scripts parse it)
 READY_LINE = "live: running, Ctrl+C stops"  # printed once audio is flowing
@@ -109,9 +114,10 @@ class LiveEngine:
 
     def __init__(self, chain, block_ms=BLOCK_MS, out_target_ms=OUT_TARGET_MS, out_realign_ms=OUT_REALIGN_MS,
                  in_realign_ms=IN_REALIGN_MS, buffer_cap_ms=BUFFER_CAP_MS, device_latency=DEVICE_LATENCY,
-                 resample_quality=RESAMPLE_QUALITY, settle_delay_s=SETTLE_DELAY_S):
+                 resample_quality=RESAMPLE_QUALITY, settle_delay_s=SETTLE_DELAY_S, fade_ms=FADE_MS,
+                 out_target_max_ms=OUT_TARGET_MAX_MS):
         self.chain = chain
-        self.settle_delay_s = settle_delay_s
+        self.settle_delay_s, self.fade_ms, self.out_target_max_ms = settle_delay_s, fade_ms, out_target_max_ms
         self.block_ms = block_ms
         self.out_target_ms = out_target_ms
         self.out_realign_ms = out_realign_ms
@@ -148,7 +154,7 @@ class LiveEngine:
             self.out_resampler = self._make_resampler(SAMPLE_RATE, self.out_rate)
         self._set_cushion()
         self._priming = True  # at start: silence until the cushion is full, once
-        self._fade = max(1, int(FADE_MS * self.out_rate / 1000))
+        self._fade = max(1, int(self.fade_ms * self.out_rate / 1000))
         self._ramp = np.linspace(0.0, 1.0, self._fade + 2, dtype=np.float32)[1:-1, None]
         self._dropout = False
         self._debt = 0  # output samples a dropout stood in for: dropped when audio returns, so the delay stays
@@ -161,7 +167,7 @@ class LiveEngine:
         model once per hop returns late on that call (the output drains meanwhile), by as much as warm_up
         measured. Set once before the devices start: the delay from microphone to cable never moves after."""
         cushion_ms = min(self.out_target_ms + self._resampler_burst_ms + self.chain_burst_ms,
-                         max(self.out_target_ms, OUT_TARGET_MAX_MS))
+                         max(self.out_target_ms, self.out_target_max_ms))
         target = max(1, int(cushion_ms * self.out_rate / 1000))
         self._out_realign = target + max(1, self.out_realign_ms * self.out_rate // 1000)
         self._out_target = target
@@ -383,7 +389,7 @@ class LiveEngine:
     def latency_parts_ms(self):
         """(algorithm, buffering, devices) in ms: what a sample spends from microphone to cable."""
         algorithm = 1000.0 * self.chain.latency_samples / SAMPLE_RATE
-        buffering = self.block_ms + self.cushion_ms + FADE_MS + self.resampler_delay_ms()
+        buffering = self.block_ms + self.cushion_ms + self.fade_ms + self.resampler_delay_ms()
         return algorithm, buffering, self.device_latency_ms()
 
     # -- status --------------------------------------------------------------------------------------------------
@@ -440,28 +446,8 @@ def add_arguments(parser, mic_default=None, cable_default=None):
                                "'CABLE Input' on Windows, 'BlackHole' on macOS, 'denoiser_cable' on Linux"))
     group.add_argument("--quiet", action="store_true", help="no status line")
     group.add_argument("--list", action="store_true", help="list sound devices and exit")
-    group.add_argument("--block-ms", type=int, default=BLOCK_MS, help="device callback period, ms")
-    group.add_argument("--out-target-ms", type=int, default=OUT_TARGET_MS,
-                       help="output cushion for jitter on top of the chain's slow call, ms")
-    group.add_argument("--cushion-margin", type=float, default=CUSHION_MARGIN,
-                       help="the cushion covers the chain's slowest warm-up call times this")
-    group.add_argument("--warmup-s", type=float, default=WARMUP_S, help="warm-up that times the chain, s")
-    group.add_argument("--out-realign-ms", type=int, default=OUT_REALIGN_MS,
-                       help="output backlog above the cushion that triggers a realign, ms")
-    group.add_argument("--in-realign-ms", type=int, default=IN_REALIGN_MS,
-                       help="input backlog that triggers a realign, ms")
-    group.add_argument("--buffer-cap-ms", type=int, default=BUFFER_CAP_MS, help="ring buffer size, ms")
-    group.add_argument("--device-latency", default=DEVICE_LATENCY,
-                       help="PortAudio device latency: low, high or seconds")
-    group.add_argument("--resample-quality", default=RESAMPLE_QUALITY, choices=("QQ", "LQ", "MQ", "HQ", "VHQ"),
-                       help="soxr quality for devices that refuse 16 kHz")
-    group.add_argument("--status-interval-s", type=float, default=STATUS_INTERVAL_S, help="status refresh, s")
-    group.add_argument("--warn-interval-s", type=float, default=WARN_INTERVAL_S,
-                       help="at most one warning of a kind per this many seconds")
-    group.add_argument("--retry-interval-s", type=float, default=RETRY_INTERVAL_S,
-                       help="how often a lost device is looked for, s")
-    group.add_argument("--device-stall-s", type=float, default=DEVICE_STALL_S,
-                       help="silence from a device's callbacks that counts as the device lost, s")
+    import dsp
+    dsp.add_constant_flags(group, globals(), LIVE_FLAGS, __file__)
     group.add_argument("--settle-s", type=float, default=None,
                        help="start-up not counted in settled_* (default: the pipeline's STARTUP_BUFFER_MS)")
     return parser
@@ -473,22 +459,12 @@ def _option(args, name, default):
 
 
 def _check_options(args):
-    limits = (("block_ms", BLOCK_MS, 1, 200), ("out_target_ms", OUT_TARGET_MS, 0, 5000),
-              ("cushion_margin", CUSHION_MARGIN, 1, 10), ("warmup_s", WARMUP_S, 0, 10),
-              ("out_realign_ms", OUT_REALIGN_MS, 1, 5000), ("in_realign_ms", IN_REALIGN_MS, 1, 5000),
-              ("buffer_cap_ms", BUFFER_CAP_MS, 50, 60000), ("status_interval_s", STATUS_INTERVAL_S, 0.05, 60),
-              ("warn_interval_s", WARN_INTERVAL_S, 0, 3600), ("retry_interval_s", RETRY_INTERVAL_S, 0.05, 60),
-              ("device_stall_s", DEVICE_STALL_S, 0.1, 60))
-    values = {}
-    for name, default, low, high in limits:
-        value = _option(args, name, default)
-        if not low <= value <= high:
-            raise DeviceError("--%s must be between %s and %s, got %s" % (name.replace("_", "-"), low, high, value))
-        values[name] = value
+    """The live settings (flags, already held to their ranges, or the constants), cross-checked."""
+    values = {name.lower(): _option(args, name.lower(), globals()[name]) for name in LIVE_FLAGS}
     if values["buffer_cap_ms"] < values["out_target_ms"] + values["out_realign_ms"] + values["block_ms"] or \
             values["buffer_cap_ms"] < values["in_realign_ms"] + values["block_ms"]:
         raise DeviceError("--buffer-cap-ms must exceed the cushion plus the realign thresholds")
-    latency = _option(args, "device_latency", DEVICE_LATENCY)
+    latency = values["device_latency"]
     if latency not in ("low", "high"):
         try:
             latency = float(latency)
@@ -497,7 +473,8 @@ def _check_options(args):
         if not 0 < latency <= 2:
             raise DeviceError("--device-latency in seconds must be between 0 and 2, got %s" % latency)
     values["device_latency"] = latency
-    values["resample_quality"] = _option(args, "resample_quality", RESAMPLE_QUALITY)
+    if values["resample_quality"] not in ("QQ", "LQ", "MQ", "HQ", "VHQ"):
+        raise DeviceError("--resample-quality must be QQ, LQ, MQ, HQ or VHQ, got %s" % values["resample_quality"])
     settle = getattr(args, "settle_s", None)
     if settle is not None and not 0 <= settle <= 60:
         raise DeviceError("--settle-s must be between 0 and 60, got %s" % settle)
@@ -577,7 +554,8 @@ def run_live(chain, args):
     engine = LiveEngine(chain, block_ms=opts["block_ms"], out_target_ms=opts["out_target_ms"],
                         out_realign_ms=opts["out_realign_ms"], in_realign_ms=opts["in_realign_ms"],
                         buffer_cap_ms=opts["buffer_cap_ms"], device_latency=opts["device_latency"],
-                        resample_quality=opts["resample_quality"])
+                        resample_quality=opts["resample_quality"], settle_delay_s=opts["settle_delay_s"],
+                        fade_ms=opts["fade_ms"], out_target_max_ms=opts["out_target_max_ms"])
     session = _Session(chain, args, out, err, opts["warn_interval_s"])
     engine.warm_up(opts["warmup_s"], opts["cushion_margin"])
     old_handlers = _install_stop_signals()
@@ -647,7 +625,7 @@ def _announce(engine, session, identities, mic_index, cable_index):
                 % (algorithm + buffering + devices, algorithm, buffering, devices))
     session.say("output cushion: %.0f ms (covers the chain's slowest warm-up call x margin, %.0f ms); the delay is "
                 "fixed %g s after the audio starts, and a late hop then becomes a faded dropout, not more delay"
-                % (engine.cushion_ms, engine.chain_burst_ms, SETTLE_DELAY_S))
+                % (engine.cushion_ms, engine.chain_burst_ms, engine.settle_delay_s))
     session.say(READY_LINE)
 
 

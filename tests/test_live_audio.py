@@ -336,12 +336,18 @@ def test_alsa_definitions_make_server_names_safe():
 
 
 def test_bad_tunable_is_one_line_error(capsys):
-    import argparse
-    parser = live_audio.add_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--out-target-ms", "-5"])
+    """Each live setting is held to the range its constant documents, at parse time, in one line; settings that
+    only clash together are refused by run_live, also in one line."""
+    import dsp
+    parser = live_audio.add_arguments(dsp.OneLineParser())
+    with pytest.raises(SystemExit, match="--out-target-ms: must be in 0..5000, not -5"):
+        parser.parse_args(["--out-target-ms", "-5"])
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: argument --out-target-ms: must be in 0..5000, not -5 (--help lists every setting)"]
+    args = parser.parse_args(["--buffer-cap-ms", "100", "--out-target-ms", "200"])
     assert live_audio.run_live(DelayChain(), args) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: --out-target-ms must be between 0 and 5000, got -5"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --buffer-cap-ms must exceed the cushion plus the realign thresholds"]
 
 
 def test_warnings_are_rate_limited():
