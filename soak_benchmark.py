@@ -11,7 +11,6 @@ underruns, overruns and device xruns after its warm-up, the delay at the start a
 to a fraction of a sample) and every minute between, the drift, and the pipeline's memory at start and end.
 A benchmark, not a test: it prints figures and fails on nothing.
 """
-import argparse
 import signal
 import subprocess
 import sys
@@ -138,9 +137,9 @@ def report(args, out, audio, rss_start, rss_end):
     rate, win = GRAPH_RATE_HZ, int(args.window_s * GRAPH_RATE_HZ)
     first = int(args.warmup_s * rate)
     starts = list(range(first, len(audio) - win, 60 * rate)) or [first]
-    trace = [(s / rate, delay_ms(audio[s:s + win, 0], audio[s:s + win, 1])) for s in starts]
+    trace = [(s / rate, delay_ms(audio[s:s + win, 0], audio[s:s + win, 1], max_ms=args.max_delay_ms)) for s in starts]
     last = len(audio) - win - rate
-    end = delay_ms(audio[last:last + win, 0], audio[last:last + win, 1])
+    end = delay_ms(audio[last:last + win, 0], audio[last:last + win, 1], max_ms=args.max_delay_ms)
     levels = 20 * np.log10(np.sqrt(np.mean(audio.astype(np.float64) ** 2, axis=0)) + 1e-12)
     print(f"levels: microphone {levels[0]:.1f} dBFS, cable {levels[1]:.1f} dBFS")
     print(f"soak: {args.pipeline} pipeline, {len(audio) / rate / 60:.1f} min recorded"
@@ -155,18 +154,14 @@ def report(args, out, audio, rss_start, rss_end):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    import dsp
+    ap = dsp.OneLineParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--pipeline", choices=sorted(PIPELINES), default="ml")
-    ap.add_argument("--minutes", type=float, default=MINUTES)
     ap.add_argument("--hog", action="store_true", help="keep one CPU core busy for the whole run")
-    ap.add_argument("--signal-s", type=float, default=SIGNAL_S)
-    ap.add_argument("--window-s", type=float, default=WINDOW_S)
-    ap.add_argument("--warmup-s", type=float, default=WARMUP_S)
+    dsp.add_constant_flags(ap, globals(), ["MINUTES", "SIGNAL_S", "WINDOW_S", "WARMUP_S", "MAX_DELAY_MS"], __file__)
     ap.add_argument("--keep", action="store_true", help="keep the recording (probe.npy) in the work folder")
     ap.add_argument("extra", nargs="*", help="flags for the pipeline, after --")
     args = ap.parse_args(argv)
-    if not 0.5 <= args.minutes <= 600 or not 5 <= args.signal_s <= 300 or not 2 <= args.window_s <= 60:
-        raise SystemExit("error: --minutes must be in 0.5..600, --signal-s in 5..300, --window-s in 2..60")
     if args.warmup_s + args.window_s + 1 > args.minutes * 60:
         raise SystemExit("error: the run is shorter than the warm-up plus one measurement window")
     try:
