@@ -1,6 +1,6 @@
 """Export a training checkpoint to the ONNX model the pipeline runs (denoiser.onnx).
 
-    python export_model.py                                  # checkpoints/best.pt -> denoiser.onnx
+    python export_model.py                                  # the shipped model, re-exported byte for byte
     python export_model.py --checkpoint checkpoints/last.pt --output my.onnx
     python export_model.py --int8                           # also denoiser.int8.onnx, with its cost and gain
     python export_model.py --checkpoint a.pt b.pt           # the average of two fine-tunes' weights
@@ -27,7 +27,7 @@ import torch
 
 import model as M
 
-CHECKPOINT = "checkpoints/best.pt"  # what to export
+CHECKPOINT = "checkpoints/stoi6b/epoch4.pt"  # what to export: the shipped model's weights (docs/TRAINING.md)
 OUTPUT = "denoiser.onnx"            # where the pipeline looks by default
 OPSET = 17                          # ONNX opset; 17 is the oldest with everything the graph needs
 PARITY_TOL = 1e-4                   # max |onnxruntime - torch| on the mask; larger means a broken export

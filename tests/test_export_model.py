@@ -9,6 +9,7 @@ import torch
 import export_model
 import model as M
 import train
+from conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +116,12 @@ def test_several_checkpoints_export_their_average(checkpoint, tmp_path):
     torch.save({"model": M.UNet(16).state_dict(), "config": {"base_ch": 16}}, tmp_path / "wide.pt")
     with pytest.raises(SystemExit, match="not the same model"):
         export_model.load_checkpoint([checkpoint, tmp_path / "wide.pt"])
+
+
+def test_plain_export_rebuilds_the_shipped_model_byte_for_byte(tmp_path):
+    """export_model.py's default checkpoint is the shipped model's: exported again it gives denoiser.onnx exactly,
+    so the committed model is what the committed weights make."""
+    import export_model
+    out = tmp_path / "again.onnx"
+    assert export_model.main(["--output", str(out)]) == 0
+    assert out.read_bytes() == (REPO / "denoiser.onnx").read_bytes()
