@@ -24,7 +24,7 @@ import soundfile as sf
 import soxr
 from scipy.signal import butter, sosfilt
 
-SAMPLE_RATE = 16000          # Hz; everything is converted to this
+from dsp import SAMPLE_RATE  # everything is converted to the pipelines' rate
 # ---- mixing: each a flag of train.py of the same name; [low, high] is the range each may take ----------------
 SNR_RANGE_DB = (-5.0, 20.0)  # [-30, 60] SNR of each mixture; widen the top end if clean input gets damaged
 SNR_FOCUS_DB = (-5.0, 10.0)  # [-30, 60] the SNRs of real calls in noise; SNR_FOCUS_SHARE of mixtures are drawn here

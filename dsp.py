@@ -365,16 +365,15 @@ def with_overrides(cfg, overrides, parser=None):
     return cfg
 
 
-def run(args, make_chain, frame, label):
+def run(args, make_chain, label):
     """Dispatch to --bench, file mode or live audio; every expected failure becomes one line and exit 2."""
     try:
-        if args.sample_rate != SAMPLE_RATE:
-            raise AudioError(f"SAMPLE_RATE must be {SAMPLE_RATE}: the model and filters run at 16 kHz")
         if getattr(args, "list", False):  # listing devices needs no chain: do not load the model for it
             import live_audio
             return live_audio.run_live(None, args)
         if args.bench:
-            bench(make_chain(), frame, label=label)
+            chain = make_chain()
+            bench(chain, chain.frame_samp, label=label)
             return 0
         if args.input or args.output:
             if not (args.input and args.output):

@@ -19,7 +19,6 @@ import numpy as np
 import dsp
 
 # ---- tunables: edit here or pass --flag-name VALUE; [low, high] is the range each may take -------------------
-SAMPLE_RATE = 16000        # [16000, 16000] Hz
 FRAME_SAMP = 80            # [1, 1600] samples per frame (5 ms) = the latency; smaller costs more CPU per second
 HPF_CUTOFF_HZ = 80.0       # [10, 1000] high-pass corner; 60 keeps deep voices full .. 150 removes more rumble
 HPF_ORDER = 4              # [1, 8] Butterworth order; 4 = 24 dB/octave
@@ -47,8 +46,8 @@ class DSPChain:
         if cfg.frame_samp < 1:
             raise dsp.AudioError("FRAME_SAMP must be at least 1")
         self.cfg = cfg
-        frame_ms = cfg.frame_samp / cfg.sample_rate * 1000
-        self.hpf = dsp.HighPass(cfg.hpf_cutoff_hz, cfg.hpf_order, cfg.sample_rate)
+        frame_ms = cfg.frame_samp / dsp.SAMPLE_RATE * 1000
+        self.hpf = dsp.HighPass(cfg.hpf_cutoff_hz, cfg.hpf_order, dsp.SAMPLE_RATE)
         self.gate = (dsp.Gate(cfg.gate_floor, cfg.gate_ceil, round(cfg.gate_hold_ms / frame_ms),
                               cfg.gate_release_ms / frame_ms, cfg.gate_depth_db, cfg.gate_attack_samp,
                               cfg.frame_samp) if cfg.gate else None)
@@ -56,7 +55,7 @@ class DSPChain:
         self.smooth = float(np.exp(-frame_ms / cfg.gate_rms_ms)) if cfg.gate_rms_ms > 0 else 0.0
         self.power = 0.0
         self.framer = dsp.Framer(cfg.frame_samp, self.frame)
-        self.latency_samples = cfg.frame_samp
+        self.latency_samples = self.frame_samp = cfg.frame_samp
         self.hop_budget_ms = frame_ms
         self.startup_ms = cfg.startup_buffer_ms
         self.hop_ms = 0.0
@@ -98,12 +97,12 @@ def denoise_array(audio):
 
 def latency_ms(cfg=None):
     cfg = cfg or default_config()
-    return cfg.frame_samp / cfg.sample_rate * 1000
+    return cfg.frame_samp / dsp.SAMPLE_RATE * 1000
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return dsp.run(args, lambda: DSPChain(args), args.frame_samp, "frame")
+    return dsp.run(args, lambda: DSPChain(args), "frame")
 
 
 if __name__ == "__main__":

@@ -143,7 +143,6 @@ def check_parity(net, path, dev_dir=DEV_DIR, tol=PARITY_TOL):
 def int8_report(fp32_path, int8_path, dev_dir, n_files):
     """Quantize weights to INT8 (dynamic) and print size, hop time and dev PESQ change."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    import dsp
     import ml_denoiser_pipeline as P
     quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
     rows = []
@@ -151,7 +150,7 @@ def int8_report(fp32_path, int8_path, dev_dir, n_files):
         cfg = P.default_config(model=str(path))
         chain = P.MLChain(cfg, model_only=True)
         times = []
-        x = np.random.default_rng(0).standard_normal(cfg.hop_samp).astype(np.float32) * 0.03
+        x = np.random.default_rng(0).standard_normal(chain.hop_samp).astype(np.float32) * 0.03
         for i in range(60):
             t = time.perf_counter()
             chain.hop(x)
@@ -161,7 +160,7 @@ def int8_report(fp32_path, int8_path, dev_dir, n_files):
             import dataset
             from pesq import pesq
             pairs = dataset.load_pairs(dev_dir)[:n_files]
-            row["pesq_wb"] = float(np.mean([pesq(16000, cl, P.denoise_array(nz, str(path)), "wb")
+            row["pesq_wb"] = float(np.mean([pesq(M.SAMPLE_RATE, cl, P.denoise_array(nz, str(path)), "wb")
                                             for _, nz, cl, _ in pairs]))
         rows.append(row)
         print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 
-SAMPLE_RATE = 16000  # Hz; every metric runs at 16 kHz
+from dsp import SAMPLE_RATE  # every metric runs at the pipelines' rate
 MAX_LAG_MS = 100.0  # ms; alignment search range either side; raise only for methods with more delay
 DNSMOS_WINDOW_S = 9.01  # s; the DNSMOS P.835 model's fixed input; do not change
 DNSMOS_HOP_S = 1.0  # s; hop between DNSMOS windows (published scheme); lower = slower, no gain

@@ -22,10 +22,11 @@ One hop of audio, top to bottom (MLChain.hop):
      energy is residue between words and is turned down, fading in over PAUSE_RELEASE hops after speech
   -> post-EQ (+5 dB 100 Hz..1 kHz, off by default: see EQ) -> soft gate -> OUTPUT_GAIN -> soft limiter
   -> the cable.
-Algorithmic latency is WINDOW_SAMP (200 ms): a window is only complete when its last sample has arrived,
+Algorithmic latency is the model's window (its metadata's window_samp, 200 ms): a window is only complete when
+its last sample has arrived,
 and its first half is finished only once the next window has been added. The noise floor is past audio, so
 it costs compute, never latency. Real-time budget: every hop
-must be processed in well under HOP_SAMP (100 ms); `--bench` prints how far under it is.
+must be processed in well under a hop (half the window, 100 ms); `--bench` prints how far under it is.
 """
 import sys
 import time
@@ -37,11 +38,6 @@ import dsp
 
 # ---- tunables: edit here or pass --flag-name VALUE; [low, high] is the range each may take -------------------
 MODEL = str(Path(__file__).resolve().parent / "denoiser.onnx")  # the ONNX mask model; --model PATH for another
-SAMPLE_RATE = 16000        # [16000, 16000] Hz; the model was trained at 16 kHz, devices at other rates are resampled
-N_FFT = 512                # [64, 4096] STFT size (32 ms); must match the model (checked against its metadata)
-STFT_HOP_SAMP = 128        # [16, 2048] STFT hop (8 ms); must match the model
-WINDOW_SAMP = 3200         # [256, 32000] model input window (200 ms); must match the model (its metadata)
-HOP_SAMP = 1600            # [128, 16000] new audio per model run (100 ms) = WINDOW_SAMP / 2 for the 50% overlap-add
 CROSSFADE_POWER = 0.3      # [0.05, 10] crossfade between windows: 1 = Hann, lower = a more even average of the two
                            # windows' estimates (smoother), higher = each window's centre counts more
 SPECTRAL_FLOOR = 0.03      # [0, 1] lowest mask value: 0 = the model's own .. 0.18 gentle; raise if the voice sounds thin
@@ -72,7 +68,9 @@ ORT_THREADS = 1            # [1, 64] onnxruntime threads; 1 leaves the other cor
 MIC = None                 # input device: index or name substring; None = the system's default input
 CABLE = None               # output device: index or name substring; None = first virtual cable found
 # ------------------------------------------------------------------------------------------------------------
-NOT_FLAGS = {"NOT_FLAGS", "LOG_EPS_DEFAULT", "SILENT_LOG_DEFAULT"}
+NOT_FLAGS = {"NOT_FLAGS", "GEOMETRY_DEFAULT", "LOG_EPS_DEFAULT", "SILENT_LOG_DEFAULT"}
+# The model's geometry comes from its ONNX metadata (export_model.py writes it); these stand in where a file lacks it.
+GEOMETRY_DEFAULT = {"n_fft": 512, "stft_hop_samp": 128, "window_samp": 3200}  # 32 ms STFT, 8 ms hop, 200 ms window
 LOG_EPS_DEFAULT = 1e-6     # log(|X| + eps) as model.py trains; the model's metadata overrides it
 SILENT_LOG_DEFAULT = -12.0  # model.SILENT_LOG: a hop below it is digital silence; the model's metadata overrides it
 
@@ -89,7 +87,8 @@ def meta_int(meta, key, path, low=0):
 
 
 def load_model(path, cfg):
-    """An onnxruntime session for the mask model, refusing one that was built for another STFT."""
+    """(onnxruntime session, metadata, geometry {n_fft, stft_hop_samp, window_samp}, floor_hops) for the mask model,
+    refusing one that was trained at another rate or that this chain cannot feed."""
     import onnxruntime as ort
     path = Path(path)
     if not path.is_file():
@@ -103,24 +102,26 @@ def load_model(path, cfg):
     except Exception as e:  # onnxruntime raises its own untyped errors for corrupt files
         raise dsp.AudioError(f"cannot load model {path}: {str(e).splitlines()[0]}") from None
     meta = session.get_modelmeta().custom_metadata_map
-    expected = {"sample_rate": cfg.sample_rate, "n_fft": cfg.n_fft, "stft_hop_samp": cfg.stft_hop_samp}
-    for key, want in expected.items():
-        if key in meta and int(float(meta[key])) != want:
-            raise dsp.AudioError(f"model {path.name} was trained with {key}={meta[key]} but the pipeline "
-                                 f"uses {want}; pass the matching flag or use a matching model")
+    if "sample_rate" in meta and meta_int(meta, "sample_rate", path) != dsp.SAMPLE_RATE:
+        raise dsp.AudioError(f"model {path.name} was trained with sample_rate={meta['sample_rate']} but the "
+                             f"pipelines run at {dsp.SAMPLE_RATE} Hz; use a {dsp.SAMPLE_RATE // 1000} kHz model")
+    geometry = {k: meta_int(meta, k, path, low=1) if k in meta else v for k, v in GEOMETRY_DEFAULT.items()}
+    if geometry["window_samp"] % 2 or geometry["window_samp"] < 2 * geometry["stft_hop_samp"]:
+        raise dsp.AudioError(f"model {path.name} has window_samp {geometry['window_samp']}: it must be even (the "
+                             "50 % overlap-add) and at least two STFT hops")
     if meta_int(meta, "context_samp", path):
         raise dsp.AudioError(f"model {path.name} wants {meta['context_samp']} samples of context (context_samp), "
                              "which this pipeline does not feed; export a model trained without it")
     floor_hops = meta_int(meta, "floor_hops", path)
     inputs = session.get_inputs()
     shape = inputs[0].shape if len(inputs) == 1 else None
-    bins, channels = cfg.n_fft // 2 + 1, 2 if floor_hops else 1
+    bins, channels = geometry["n_fft"] // 2 + 1, 2 if floor_hops else 1
     if (shape is None or len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != channels)
             or (isinstance(shape[2], int) and shape[2] != bins)):
         raise dsp.AudioError(f"model {path.name} takes input {shape}, expected [1, {channels}, {bins}, T] "
-                             f"(log-magnitude of a {cfg.n_fft}-point STFT"
+                             f"(log-magnitude of a {geometry['n_fft']}-point STFT"
                              f"{', and the noise floor' if floor_hops else ''}; metadata floor_hops={floor_hops})")
-    return session, meta, floor_hops
+    return session, meta, geometry, floor_hops
 
 
 def consistent(stft, wave, target, iters):
@@ -139,10 +140,10 @@ class MLChain:
     exactly latency_samples; live audio and file mode both run it, so they cannot disagree."""
 
     def __init__(self, cfg, model_only=False):
-        if cfg.hop_samp * 2 != cfg.window_samp:
-            raise dsp.AudioError("HOP_SAMP must be WINDOW_SAMP / 2: the Hann overlap-add is only "
-                                 "seamless (constant overlap-add) at 50% overlap")
-        self.session, meta, floor_hops = load_model(cfg.model, cfg)
+        self.session, meta, geometry, floor_hops = load_model(cfg.model, cfg)
+        # The crossfade only sums to one (constant overlap-add) at 50 % overlap: a hop is half the window.
+        self.window_samp, n_fft, stft_hop = geometry["window_samp"], geometry["n_fft"], geometry["stft_hop_samp"]
+        self.hop_samp = self.frame_samp = self.window_samp // 2
         self.input_name = self.session.get_inputs()[0].name
         self.log_eps = float(meta.get("log_eps", LOG_EPS_DEFAULT))
         # The floor model's memory: each recent hop's mean log|STFT| per bin, +inf for digital silence (so a
@@ -152,7 +153,7 @@ class MLChain:
         except ValueError:
             raise dsp.AudioError(f"model {Path(cfg.model).name} has a bad silent_log in its metadata: "
                                  f"{meta['silent_log']!r}") from None
-        self.hop_stats = np.full((floor_hops, cfg.n_fft // 2 + 1), np.inf, np.float32) if floor_hops else None
+        self.hop_stats = np.full((floor_hops, n_fft // 2 + 1), np.inf, np.float32) if floor_hops else None
         if cfg.phase_iters < 0 or cfg.phase_iters != int(cfg.phase_iters):
             raise dsp.AudioError(f"PHASE_ITERS must be a whole number >= 0 (0 = noisy phase), not {cfg.phase_iters}")
         if not cfg.mask_power > 0:
@@ -166,21 +167,21 @@ class MLChain:
         if not cfg.pause_release >= 1:
             raise dsp.AudioError(f"PAUSE_RELEASE must be at least 1 hop, not {cfg.pause_release}")
         self.pause = (dsp.Gate(10 ** (cfg.pause_below_db / 20), 10 ** (cfg.pause_above_db / 20), 0,
-                               cfg.pause_release, cfg.pause_depth_db, cfg.gate_attack_samp, cfg.hop_samp)
+                               cfg.pause_release, cfg.pause_depth_db, cfg.gate_attack_samp, self.hop_samp)
                       if cfg.pause_depth_db and not model_only else None)
         self.pause_newer = np.zeros(2)  # the last window's newer half: energy passed by the mask, noisy energy
-        self.stft = dsp.WindowSTFT(cfg.window_samp, cfg.n_fft, cfg.stft_hop_samp)
+        self.stft = dsp.WindowSTFT(self.window_samp, n_fft, stft_hop)
         if not cfg.crossfade_power > 0:
             raise dsp.AudioError(f"CROSSFADE_POWER must be above 0 (1 = Hann), not {cfg.crossfade_power}")
-        self.synthesis = dsp.crossfade_window(cfg.window_samp, cfg.crossfade_power)
-        self.window = np.zeros(cfg.window_samp, np.float32)
-        self.ola = np.zeros(cfg.window_samp, np.float32)
+        self.synthesis = dsp.crossfade_window(self.window_samp, cfg.crossfade_power)
+        self.window = np.zeros(self.window_samp, np.float32)
+        self.ola = np.zeros(self.window_samp, np.float32)
         self.eq = dsp.BandBoost(cfg.eq_gain_db, cfg.eq_low_hz, cfg.eq_high_hz) if cfg.eq and not model_only else None
         self.gate = (dsp.Gate(cfg.gate_floor, cfg.gate_ceil, cfg.gate_hold, cfg.gate_release, cfg.gate_depth_db,
-                              cfg.gate_attack_samp, cfg.hop_samp) if cfg.gate and not model_only else None)
-        self.framer = dsp.Framer(cfg.hop_samp, self.hop)
-        self.latency_samples = cfg.window_samp  # one hop of framing + the half window still awaiting overlap
-        self.hop_budget_ms = cfg.hop_samp / cfg.sample_rate * 1000
+                              cfg.gate_attack_samp, self.hop_samp) if cfg.gate and not model_only else None)
+        self.framer = dsp.Framer(self.hop_samp, self.hop)
+        self.latency_samples = self.window_samp  # one hop of framing + the half window still awaiting overlap
+        self.hop_budget_ms = self.hop_samp / dsp.SAMPLE_RATE * 1000
         self.startup_ms = cfg.startup_buffer_ms
         self.hop_ms = 0.0
         self.nan_warning = {}
@@ -190,7 +191,7 @@ class MLChain:
 
     def hop(self, new):
         t0 = time.perf_counter()
-        h = self.cfg.hop_samp
+        h = self.hop_samp
         gain_in = 1.0 if self.model_only else self.cfg.input_gain
         self.window[:-h] = self.window[h:]
         self.window[-h:] = new * gain_in
@@ -230,7 +231,7 @@ class MLChain:
         that share instead of the level: it opens within GATE_ATTACK_SAMP, so a word's first syllable is
         not cut, and closes over PAUSE_RELEASE hops, because the model also calls the weak hops inside a word
         at low SNR noise, and a cut that fell at once would chop them out (STOI counts each such dip)."""
-        frames = self.cfg.window_samp // self.cfg.stft_hop_samp + 1  # the window's frames
+        frames = self.stft.frames  # the window's frames
         noisy = np.square(mag[:, -frames:])
         passed = noisy * np.square(mask[:, -frames:])
         half = frames // 2
@@ -274,13 +275,14 @@ def denoise_array(audio, model_path=None, model_only=False):
 
 
 def latency_ms(cfg=None):
+    """The algorithmic latency, ms: the model's window (read from its metadata)."""
     cfg = cfg or default_config()
-    return cfg.window_samp / cfg.sample_rate * 1000
+    return load_model(cfg.model, cfg)[2]["window_samp"] / dsp.SAMPLE_RATE * 1000
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return dsp.run(args, lambda: MLChain(args), args.hop_samp, "hop")
+    return dsp.run(args, lambda: MLChain(args), "hop")
 
 
 if __name__ == "__main__":

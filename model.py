@@ -21,7 +21,7 @@ import torch.nn as nn
 BASE_CH = 32      # channels of the first layer; 16 = 1 M params (faster, ~0.3 dB worse), 32 = spec, 48 = 8.8 M
 N_FFT = 512       # STFT size the model was built for: 257 frequency bins
 STFT_HOP_SAMP = 128  # STFT hop in samples (8 ms at 16 kHz)
-SAMPLE_RATE = 16000  # Hz; the whole chain runs at 16 kHz mono
+from dsp import SAMPLE_RATE  # noqa: F401 (M.SAMPLE_RATE for train.py and export_model.py): one rate everywhere
 LOG_EPS = 1e-6    # added to the magnitude before log; keeps digital silence finite (about -120 dB)
 SILENT_LOG = -12.0  # a hop whose mean log-magnitude is below this is digital silence (zeros read -13.8):
                     # the noise floor skips it, so start-up zeros and a muted mic do not pose as the floor

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-SAMPLE_RATE = 16000  # Hz; every method is fed and read back at this rate
+from dsp import SAMPLE_RATE  # every method is fed and read back at the pipelines' rate
 PEER_RATE_48K = 48000  # Hz; RNNoise and DeepFilterNet run here (soxr resamples in and out)
 SPEEX_NOISE_SUPPRESSION_DB = -30  # dB; Speex's default; -15 gentle .. -45 aggressive
 SPEEX_AUTO_GAIN = 0  # 0 = AGC off, so level changes do not count against Speex
