@@ -40,6 +40,8 @@ WARMUP_S = 1.0             # [0, 10] seconds of silence run through the chain be
 FADE_MS = 2.0              # [0.1, 20] a dropout fades out and back in over this, ms; the output holds this much back
 SETTLE_DELAY_S = 5.0       # [0, 60] for this long after the audio starts, running dry grows the delay by what was
                            # missing (the devices' own jitter is found); after it the delay is fixed
+REANCHOR_MS = 250          # [20, 10000] a dropout still owed after this, with no backlog to catch up on, is audio
+                           # lost at the source: the cushion refills and the delay returns (a realign)
 OUT_REALIGN_MS = 80        # [1, 5000] output backlog above the cushion that triggers a realign, ms; lower = tighter
 IN_REALIGN_MS = 150        # [1, 5000] input backlog (processing fell behind) that triggers a realign, ms
 BUFFER_CAP_MS = 1000       # [50, 60000] hard size of each ring buffer, ms; audio beyond it is dropped as an overrun
@@ -51,7 +53,7 @@ RESAMPLE_QUALITY = "LQ"    # soxr quality when a device refuses 16 kHz: QQ, LQ (
 SETTLE_S = 0.5             # seconds of start-up not counted in settled_* (a chain's startup_ms wins; --settle-s)
 # ------------------------------------------------------------------------------------------------------------
 LIVE_FLAGS = ["BLOCK_MS", "DEVICE_LATENCY", "OUT_TARGET_MS", "CUSHION_MARGIN", "OUT_TARGET_MAX_MS", "WARMUP_S",
-              "FADE_MS", "SETTLE_DELAY_S", "OUT_REALIGN_MS", "IN_REALIGN_MS", "BUFFER_CAP_MS", "STATUS_INTERVAL_S",
+              "FADE_MS", "SETTLE_DELAY_S", "REANCHOR_MS", "OUT_REALIGN_MS", "IN_REALIGN_MS", "BUFFER_CAP_MS", "STATUS_INTERVAL_S",
               "WARN_INTERVAL_S", "RETRY_INTERVAL_S", "DEVICE_STALL_S", "RESAMPLE_QUALITY"]
 
 STATS_PREFIX = "stats:"  # the final summary line starts with this (tests and scripts parse it)
@@ -115,8 +117,9 @@ class LiveEngine:
     def __init__(self, chain, block_ms=BLOCK_MS, out_target_ms=OUT_TARGET_MS, out_realign_ms=OUT_REALIGN_MS,
                  in_realign_ms=IN_REALIGN_MS, buffer_cap_ms=BUFFER_CAP_MS, device_latency=DEVICE_LATENCY,
                  resample_quality=RESAMPLE_QUALITY, settle_delay_s=SETTLE_DELAY_S, fade_ms=FADE_MS,
-                 out_target_max_ms=OUT_TARGET_MAX_MS):
+                 out_target_max_ms=OUT_TARGET_MAX_MS, reanchor_ms=REANCHOR_MS):
         self.chain = chain
+        self.reanchor_ms = reanchor_ms
         self.settle_delay_s, self.fade_ms, self.out_target_max_ms = settle_delay_s, fade_ms, out_target_max_ms
         self.block_ms = block_ms
         self.out_target_ms = out_target_ms
@@ -159,6 +162,7 @@ class LiveEngine:
         self._dropout = False
         self._debt = 0  # output samples a dropout stood in for: dropped when audio returns, so the delay stays
         self._playing_since = None  # output callback count when audio first played
+        self._dropout_since = 0  # output callback count when the current dropout began
         self._settle_calls = int(self.settle_delay_s * 1000 / self.block_ms)
         self.settle_growth_ms = 0.0
 
@@ -241,6 +245,15 @@ class LiveEngine:
             ring.skip(drop)
             self._debt -= drop
             depth -= drop
+            late_ms = (self.out_calls - self._dropout_since) * frames * 1000.0 / self.out_rate
+            if self._debt and late_ms > self.reanchor_ms and self.in_ring.depth() < 2 * self._in_block:
+                # Still owed after REANCHOR_MS with no backlog left to catch up on: the audio was lost before it
+                # reached us (a capture overrun in the sound server) and what the silence stood for will never
+                # come. Start again from a full cushion, which puts the delay back where it was (a realign).
+                self._dropout, self._debt, self._priming = False, 0, True
+                self.counts["realigns"] += 1
+                outdata.fill(0)
+                return
             if self._debt or depth < frames + self._fade:
                 outdata.fill(0)
                 self._debt += frames
@@ -263,6 +276,7 @@ class LiveEngine:
                 self.settle_growth_ms += 1000.0 * (frames - got) / self.out_rate
             else:
                 self._dropout, self._debt = True, frames - got  # owe the rest
+                self._dropout_since = self.out_calls
             fade_in = False
         if fade_in:
             n = min(self._fade, frames)
@@ -555,7 +569,8 @@ def run_live(chain, args):
                         out_realign_ms=opts["out_realign_ms"], in_realign_ms=opts["in_realign_ms"],
                         buffer_cap_ms=opts["buffer_cap_ms"], device_latency=opts["device_latency"],
                         resample_quality=opts["resample_quality"], settle_delay_s=opts["settle_delay_s"],
-                        fade_ms=opts["fade_ms"], out_target_max_ms=opts["out_target_max_ms"])
+                        fade_ms=opts["fade_ms"], out_target_max_ms=opts["out_target_max_ms"],
+                        reanchor_ms=opts["reanchor_ms"])
     session = _Session(chain, args, out, err, opts["warn_interval_s"])
     engine.warm_up(opts["warmup_s"], opts["cushion_margin"])
     old_handlers = _install_stop_signals()

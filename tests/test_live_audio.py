@@ -189,6 +189,39 @@ def test_a_stall_is_a_faded_dropout_and_the_delay_does_not_move():
     assert np.all(ratio <= 1.0 + 1e-6) and faded.sum() <= 2 * fade * max(1, engine.counts["underruns"])
 
 
+def test_audio_lost_at_the_source_reanchors_instead_of_falling_silent():
+    """A capture overrun in the sound server loses 150 ms of microphone audio: what the dropout's silence stood for
+    never arrives. The output must not wait for it forever: it refills its cushion (a realign, counted) and plays
+    the microphone again, a clean copy at the delay it had before."""
+    rng = np.random.default_rng(6)
+    x = (0.1 * rng.standard_normal(3 * RATE)).astype(np.float32)
+    engine = live_audio.LiveEngine(DelayChain(0), out_target_ms=30, settle_delay_s=0)
+    indata, outdata, played = np.zeros((160, 1), np.float32), np.zeros((160, 1), np.float32), []
+    lost = set(range(100, 115))  # blocks the microphone never delivers
+    engine.start_processing()
+    try:
+        for n, i in enumerate(range(0, len(x) - 159, 160)):
+            if n not in lost:
+                indata[:, 0] = x[i:i + 160]
+                target = engine.out_ring.written + 160
+                engine.on_input(indata, 160, None, 0)
+                deadline = time.monotonic() + 5
+                while engine.out_ring.written < target and time.monotonic() < deadline:
+                    time.sleep(0.0005)
+            engine.on_output(outdata, 160, None, 0)
+            played.append(outdata[:, 0].copy())
+    finally:
+        engine.stop_processing()
+    y = np.concatenate(played)
+    assert engine.counts["underruns"] >= 1 and engine.counts["realigns"] == 1
+    first = _lag(x[:RATE], y[:RATE + 4000])
+    tail = slice(len(y) - RATE // 2, len(y))
+    after = _lag(x, np.concatenate([np.zeros(tail.start, np.float32), y[tail]]), max_lag=2 * RATE)
+    assert np.array_equal(y[tail], x[tail.start - after:tail.stop - after]), "the output plays the microphone again"
+    # The cushion is full again: the delay is the one it had, to within the block the refill ends on.
+    assert abs(after - first) <= 160 + int(live_audio.FADE_MS * RATE / 1000)
+
+
 def test_while_settling_running_dry_grows_the_delay_once():
     """In the first SETTLE_DELAY_S the devices' own jitter is found: a stall then refills the cushion, so the
     delay grows by what was missing (once, reported as settle_growth_ms) and stays there."""
