@@ -6,7 +6,7 @@ plus noise, for training the denoiser with dataset.py / train.py.
     python download_dataset.py --list --probe        # the same with exact byte counts asked from the server
     python download_dataset.py --subset noise --dest data/dns4
 
-Layout produced under --dest (DEST_DIR):
+Layout produced under --dest (DEST):
     <dest>/clean/...   speech (read_speech/*.wav, 48 kHz WAV)  ->  dataset.py --speech <dest>/clean
     <dest>/noise/...   noise clips (48 kHz WAV)                ->  dataset.py --noise  <dest>/noise
     <dest>/dev/...     the challenge's dev test set (--subset dev)
@@ -40,15 +40,15 @@ except ImportError:  # the one third-party import; say how to get it instead of 
     sys.exit("error: tqdm is missing: pip install -r requirements.txt")
 
 BASE_URL = "https://dns4public.blob.core.windows.net/dns4archive/datasets_fullband"  # challenge's Azure blob root
-DEST_DIR = "data/dns4"        # where clean/, noise/ and archives/ go; relative to the current folder
-SUBSET = "small"              # default subset, a key of SUBSETS
-RETRIES = 8                   # failed attempts in a row before giving up; raise it on a flaky link
-BACKOFF_S = 2.0               # s, first retry wait, doubled each retry (0-10); 0 retries at once
-BACKOFF_MAX_S = 120.0         # s, cap on one retry wait (10-600)
-TIMEOUT_S = 60.0              # s, a connect or read that stalls this long counts as a failure (10-300)
-CHUNK_BYTES = 1 << 20         # bytes asked per read; larger is faster, smaller gives finer progress
-KEEP_ARCHIVES = False         # keep each .tar.bz2 after unpacking (doubles the disk use); True to keep
-UNPACKED_RATIO = 1.7          # unpacked size / archive size, for the free-space check (1.5-2 for WAV in bz2)
+DEST = "data/dns4"            # where clean/, noise/ and archives/ go; relative to the current folder
+SUBSET = "small"              # what to fetch: a key of SUBSETS (--list shows them)
+RETRIES = 8                   # [0, 1000] failed attempts in a row before giving up; raise it on a flaky link
+BACKOFF_S = 2.0               # [0, 10] s, first retry wait, doubled each retry; 0 retries at once
+BACKOFF_MAX_S = 120.0         # [0, 600] s, cap on one retry wait
+TIMEOUT_S = 60.0              # [0.1, 300] s, a connect or read that stalls this long counts as a failure
+CHUNK_BYTES = 1 << 20         # [1024, 67108864] bytes asked per read; larger is faster, smaller gives finer progress
+KEEP_ARCHIVES = False         # keep each .tar.bz2 after unpacking (doubles the disk use)
+UNPACKED_RATIO = 1.7          # [1, 10] unpacked size / archive size, for the free-space check (1.5-2 for WAV in bz2)
 
 # Archive name (path under BASE_URL) -> (folder under <dest>, approximate archive size in GB).
 # The sizes are ESTIMATES: the challenge states ~550 GB archived for its 127 archives (~4.3 GB each) and
@@ -348,23 +348,23 @@ def print_list(probe, base_url, timeout_s):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The settings above as flags of the same name (dsp.add_constant_flags, as every script here); the ones the
+    download functions read as module constants are set from their flags."""
+    import dsp
+    p = dsp.OneLineParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="print archives, subsets and sizes, then exit")
     p.add_argument("--probe", action="store_true", help="with --list: exact sizes from the server (HEAD)")
-    p.add_argument("--subset", default=SUBSET, choices=sorted(SUBSETS), help=f"what to fetch (default {SUBSET})")
-    p.add_argument("--dest", default=DEST_DIR, help=f"output folder (default {DEST_DIR})")
-    p.add_argument("--base-url", default=BASE_URL, help="server root the archive names are appended to")
-    p.add_argument("--retries", type=int, default=RETRIES, help=f"failed attempts in a row allowed (default {RETRIES})")
-    p.add_argument("--backoff-s", type=float, default=BACKOFF_S, help=f"first retry wait in s (default {BACKOFF_S})")
-    p.add_argument("--timeout-s", type=float, default=TIMEOUT_S, help=f"stall timeout in s (default {TIMEOUT_S})")
-    p.add_argument("--keep-archives", action="store_true", default=KEEP_ARCHIVES,
-                   help="keep each .tar.bz2 after unpacking")
+    names = ["BASE_URL", "DEST", "SUBSET", "RETRIES", "BACKOFF_S", "BACKOFF_MAX_S", "TIMEOUT_S", "CHUNK_BYTES",
+             "KEEP_ARCHIVES", "UNPACKED_RATIO"]
+    dsp.add_constant_flags(p, globals(), names, __file__)
     args = p.parse_args(argv)
-    if args.retries < 0 or args.backoff_s < 0 or args.timeout_s <= 0:
-        p.error("--retries and --backoff-s must be >= 0, --timeout-s > 0")
+    if args.subset not in SUBSETS:
+        p.error(f"argument --subset: {args.subset!r} is not one of {', '.join(sorted(SUBSETS))}")
     if args.probe and not args.list:
         p.error("--probe only goes with --list")
+    globals().update(BACKOFF_MAX_S=args.backoff_max_s, CHUNK_BYTES=args.chunk_bytes,
+                     UNPACKED_RATIO=args.unpacked_ratio)
     return args
 
 

@@ -13,7 +13,6 @@ stay below PARITY_TOL), and the file gets metadata the pipeline checks on load: 
 window, context (past samples the model expects in front of each window), base channels, a summary of
 the training data, and the dev metrics of the checkpoint.
 """
-import argparse
 import json
 import os
 import sys
@@ -29,10 +28,11 @@ import model as M
 
 CHECKPOINT = "checkpoints/stoi6b/epoch4.pt"  # what to export: the shipped model's weights (docs/TRAINING.md)
 OUTPUT = "denoiser.onnx"            # where the pipeline looks by default
-OPSET = 17                          # ONNX opset; 17 is the oldest with everything the graph needs
-PARITY_TOL = 1e-4                   # max |onnxruntime - torch| on the mask; larger means a broken export
-DEV_DIR = "../shared/data/dev"      # real input for the parity check and the --int8 PESQ comparison
-INT8_DEV_FILES = 10                 # dev pairs scored for the INT8 quality change
+OPSET = 17                          # [17, 99] ONNX opset; 17 is the oldest with everything the graph needs
+PARITY_TOL = 1e-4                   # [0, 1] max |onnxruntime - torch| on the mask; larger means a broken export
+DEV = "../shared/data/dev"          # real input for the parity check and the --int8 PESQ comparison ('' to skip)
+INT8 = False                        # also write a dynamically quantized INT8 model, with its size, speed and PESQ
+INT8_DEV_FILES = 10                 # [1, 10000] dev pairs scored for the INT8 quality change
 
 
 def load_checkpoint(path):
@@ -119,7 +119,7 @@ def with_floor(logmag, in_ch):
     return torch.cat([logmag, logmag.amin(-1, keepdim=True).expand_as(logmag)], 1)
 
 
-def check_parity(net, path, dev_dir=DEV_DIR, tol=PARITY_TOL):
+def check_parity(net, path, dev_dir=DEV, tol=PARITY_TOL):
     import onnxruntime as ort
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     c = net.in_ch
@@ -170,21 +170,17 @@ def int8_report(fp32_path, int8_path, dev_dir, n_files):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Export a checkpoint to ONNX.", allow_abbrev=False)
+    import dsp
+    ap = dsp.OneLineParser(description="Export a checkpoint to ONNX.", allow_abbrev=False)
     ap.add_argument("--checkpoint", nargs="+", default=[CHECKPOINT],
                     help="checkpoint to export; several: their weights are averaged (fine-tunes of one model)")
-    ap.add_argument("--output", default=OUTPUT)
-    ap.add_argument("--opset", type=int, default=OPSET)
-    ap.add_argument("--dev", default=DEV_DIR, help="dev set for real-input parity and --int8 PESQ; '' to skip")
-    ap.add_argument("--int8", action="store_true", help="also write a dynamically quantized INT8 model")
-    ap.add_argument("--int8-dev-files", type=int, default=INT8_DEV_FILES)
+    dsp.add_constant_flags(ap, globals(), ["OUTPUT", "OPSET", "PARITY_TOL", "DEV", "INT8", "INT8_DEV_FILES"],
+                           __file__)
     args = ap.parse_args(argv)
-    if args.opset < 17:
-        raise SystemExit("error: --opset must be 17 or newer")
     dev = args.dev if args.dev and Path(args.dev).is_dir() else ""
     net, ck = load_checkpoint(args.checkpoint)
     path = export(net, args.output, base_metadata(net, ck), args.opset)
-    check_parity(net, path, dev)
+    check_parity(net, path, dev, args.parity_tol)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {M.count_parameters(net) / 1e6:.2f} M parameters)")
     if args.int8:
         int8_path = Path(args.output).with_suffix(".int8.onnx")
