@@ -28,7 +28,6 @@ import os
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-import argparse
 import csv
 import importlib
 import re
@@ -47,8 +46,8 @@ from metrics import CONFIDENCE, DNSMOS_LEVEL_DBFS, MAX_LAG_MS, SAMPLE_RATE, Dnsm
 from peers import Method, PeerError, Unavailable, setup_command
 
 GOLDEN_METHODS = ("ml", "ml-model")  # --golden records these methods' per-file scores
-GOLDEN_PAIRS = 4  # --golden records the first this many scored pairs (the golden test re-runs them in CI)
-OUT_DIR = "eval_out"  # default output folder (git-ignored)
+GOLDEN_PAIRS = 4  # [1, 1000] --golden records the first this many scored pairs (the golden test re-runs them)
+OUT = "eval_out"  # output folder (git-ignored): results.md, scores.csv, charts
 SETS = {"dev": "../shared/data/dev", "dev_real": "../shared/data/dev_real"}  # --sets: name -> folder of clean/ noisy/
 
 BEGIN_MARK = "<!-- eval:begin -->"
@@ -473,7 +472,7 @@ def plot_snr(out_dir, csv_rows, methods):
     return written
 
 
-def write_golden(path, rows, methods, names, model_path):
+def write_golden(path, rows, methods, names, model_path, pairs=GOLDEN_PAIRS):
     """Per-file PESQ-WB and SI-SNRi of our pipelines on a few pairs, with the model's hash: the golden
     test (tests/test_ml_denoiser_pipeline.py) recomputes them, so a broken export, STFT or chain change,
     or a model swapped without re-measuring, fails CI."""
@@ -482,7 +481,7 @@ def write_golden(path, rows, methods, names, model_path):
     labels = {m.label: m.name for m in methods if m.name in GOLDEN_METHODS}
     if not labels:
         raise EvalError(f"--golden needs the methods {', '.join(GOLDEN_METHODS)} in the run")
-    keep = names[:GOLDEN_PAIRS]
+    keep = names[:pairs]
     files = {}
     for row in rows:
         if row["file"] in keep and row["method"] in labels:
@@ -513,14 +512,13 @@ def update_readme(path, block):
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Score the ML and DSP pipelines and peer denoisers on noisy/clean pairs.")
+    import dsp
+    p = dsp.OneLineParser(description="Score the ML and DSP pipelines and peer denoisers on noisy/clean pairs.")
     p.add_argument("--clean", help="folder of clean references (matched to --noisy by file name)")
     p.add_argument("--noisy", help="folder of noisy inputs")
     p.add_argument("--sets", nargs="*", metavar="SET",
                    help=f"score whole paired sets instead, each a table: {', '.join(SETS)} (all of them if none "
                         "is named) or NAME=FOLDER with clean/ and noisy/ in it")
-    p.add_argument("--out", default=OUT_DIR, help=f"output folder (default {OUT_DIR})")
     p.add_argument("--methods", help="comma-separated subset, e.g. noisy,ml,nsnet2 "
                    f"(available: {','.join(BUILTIN_METHODS)} and --cmd names)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N pairs")
@@ -539,8 +537,9 @@ def build_parser():
                    f"first {GOLDEN_PAIRS} pairs here (tests/golden_metrics.json for the golden test)")
     p.add_argument("--dnsmos-level", type=float, default=DNSMOS_LEVEL_DBFS, metavar="DBFS",
                    help="score DNSMOS with every output scaled to this RMS level, e.g. -26 (default: as produced)")
-    p.add_argument("--max-lag-ms", type=float, default=MAX_LAG_MS,
-                   help=f"alignment search range in ms (default {MAX_LAG_MS:g})")
+    import metrics
+    dsp.add_constant_flags(p, globals(), ["OUT", "GOLDEN_PAIRS"], __file__)
+    dsp.add_constant_flags(p, vars(metrics), ["MAX_LAG_MS"], metrics.__file__)
     p.add_argument("--no-dnsmos", action="store_true",
                    help="skip DNSMOS (its slowest metric) for quick runs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -662,7 +661,7 @@ def run(args):
             if args.golden:
                 import ml_denoiser_pipeline
                 write_golden(args.golden, rows, methods, [p.name for p in pairs],
-                             args.model or ml_denoiser_pipeline.MODEL)
+                             args.model or ml_denoiser_pipeline.MODEL, pairs=args.golden_pairs)
         all_rows += [dict(r, set=name) for r in rows]
     if notes:
         report += ["", "## Notes", ""] + [f"- {n}" for n in dict.fromkeys(notes)]

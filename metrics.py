@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 
 from dsp import SAMPLE_RATE  # every metric runs at the pipelines' rate
-MAX_LAG_MS = 100.0  # ms; alignment search range either side; raise only for methods with more delay
+MAX_LAG_MS = 100.0  # [1, 5000] ms, alignment search range either side; raise only for methods with more delay
 DNSMOS_WINDOW_S = 9.01  # s; the DNSMOS P.835 model's fixed input; do not change
 DNSMOS_HOP_S = 1.0  # s; hop between DNSMOS windows (published scheme); lower = slower, no gain
 DNSMOS_LEVEL_DBFS = None  # score DNSMOS at this RMS level for every method (e.g. -26), as a listening test
