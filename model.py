@@ -18,10 +18,11 @@ crops its upsampled map to its skip's size, so any F and any T >= 1 work (the li
 import torch
 import torch.nn as nn
 
+from dsp import SAMPLE_RATE  # noqa: F401 (M.SAMPLE_RATE for train.py and export_model.py): one rate everywhere
+
 BASE_CH = 32      # channels of the first layer: 32 = the shipped model (3.9 M params); 16 = 1 M, faster, less clean
 N_FFT = 512       # STFT size the model was built for: 257 frequency bins
 STFT_HOP_SAMP = 128  # STFT hop in samples (8 ms at 16 kHz)
-from dsp import SAMPLE_RATE  # noqa: F401 (M.SAMPLE_RATE for train.py and export_model.py): one rate everywhere
 LOG_EPS = 1e-6    # added to the magnitude before log; keeps digital silence finite (about -120 dB)
 SILENT_LOG = -12.0  # a hop whose mean log-magnitude is below this is digital silence (zeros read -13.8):
                     # the noise floor skips it, so start-up zeros and a muted mic do not pose as the floor
