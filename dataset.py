@@ -14,6 +14,7 @@ restart take seconds). Edit the constants below or pass the matching flags to tr
 """
 import argparse
 import csv
+import fnmatch
 import hashlib
 import os
 import sys
@@ -59,11 +60,13 @@ PLAIN = dict(MIXING, snr_focus_share=0.0, clip_prob=0.0, two_noise_prob=0.0, bab
              typing_prob=0.0, level_swing_prob=0.0, mic_colour_prob=0.0)
 
 
-def list_audio(folder):
+def list_audio(folder, exclude=()):
+    """Audio files under folder, sorted; exclude: glob patterns of first-level subfolders to leave out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SystemExit(f"error: audio folder not found: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTS and p.is_file())
+    left_out = lambda p: any(fnmatch.fnmatch(p.relative_to(folder).parts[0], g) for g in exclude)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTS and p.is_file() and not left_out(p))
     if not files:
         raise SystemExit(f"error: no audio files ({', '.join(sorted(AUDIO_EXTS))}) under {folder}")
     return files
@@ -77,12 +80,12 @@ def load_mono_16k(path):
     return audio - audio.mean()
 
 
-def load_corpus(folder, cache_dir=CACHE_DIR, min_rms=0.0, groups=False):
+def load_corpus(folder, cache_dir=CACHE_DIR, min_rms=0.0, groups=False, exclude=()):
     """All audio under folder as a list of float32 arrays at 16 kHz. The cache key covers every file's
     path, size and mtime, so an edited folder is decoded again. groups=True also returns each clip's source:
     the first folder under `folder` it sits in ("" for files directly in it), which babble uses to keep the
     target's own corpus, and so its speaker, out of the talkers behind it."""
-    files = list_audio(folder)
+    files = list_audio(folder, exclude)
     key = hashlib.sha1("\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files).encode())
     cache = Path(cache_dir) / f"{Path(folder).name}-{key.hexdigest()[:12]}.npz"
     if cache.exists():

@@ -40,6 +40,7 @@ import model as M
 # ---- settings: edit here or pass --flag-name VALUE; [low, high] is the range each may take -------------------
 SPEECH = "../shared/data/train/speech"       # clean speech, searched recursively
 NOISE = "../shared/data/train/noise"         # noise recordings, searched recursively
+NOISE_EXCLUDE = ""                           # comma-separated globs of NOISE's subfolders to leave out ("music_*")
 KEYS = "../shared/data/train/noise_events/keyboard"  # key one-shots for typing noise ("" for none)
 DEV = "../shared/data/dev"                   # paired clean/ and noisy/ for validation ("" to skip)
 DEV_REAL = "../shared/data/dev_real"         # real recorded pairs, validated beside DEV ("" or absent: skip)
@@ -210,7 +211,7 @@ def build_parser():
 RECIPE = {"base_ch": "base_ch", "window_samp": "segment_samp", "floor_hops": "floor_hops",
           "floor_start_prob": "floor_start_prob", "mag_weight": "mag_weight", "mag_power": "mag_power",
           "stoi_weight": "stoi_weight", "seed": "seed", "batch_size": "batch_size",
-          "steps_per_epoch": "steps_per_epoch", **{key: key for key in dataset.MIXING}}
+          "steps_per_epoch": "steps_per_epoch", "noise_exclude": "noise_exclude", **{key: key for key in dataset.MIXING}}
 
 
 def adopt_recipe(args, argv, ck, path):
@@ -261,7 +262,8 @@ def parse_args(argv):
 def load_data(args, main_proc):
     """(mixer, fixed validation windows, {dev set name: pairs}, one-line summary of the data)."""
     speech, groups = dataset.load_corpus(args.speech, groups=True)
-    noise = dataset.load_corpus(args.noise, min_rms=dataset.SILENT_FILE_RMS)
+    exclude = tuple(g.strip() for g in args.noise_exclude.split(",") if g.strip())
+    noise = dataset.load_corpus(args.noise, min_rms=dataset.SILENT_FILE_RMS, exclude=exclude)
     keys = []
     if args.keys and (args.keys != KEYS or Path(args.keys).is_dir()):  # the default is optional, a flag is not
         keys = dataset.load_key_events(args.keys)
@@ -279,7 +281,8 @@ def load_data(args, main_proc):
     hours = lambda clips: sum(len(c) for c in clips) / M.SAMPLE_RATE / 3600
     m = args.mixing
     summary = (f"speech {len(speech)} files {hours(speech):.2f} h in {len(set(groups))} sources from "
-               f"{args.speech}; noise {len(noise)} files {hours(noise):.2f} h from {args.noise}; "
+               f"{args.speech}; noise {len(noise)} files {hours(noise):.2f} h from {args.noise}"
+               + (f" without {args.noise_exclude}" if exclude else "") + "; "
                f"{len(keys)} keys for typing; SNR {m['snr_range_db'][0]:g}..{m['snr_range_db'][1]:g} dB over "
                f"the {m['snr_span']}, {m['snr_focus_share']:g} of them in {m['snr_focus_db'][0]:g}.."
                f"{m['snr_focus_db'][1]:g}; speech at {m['speech_level_dbfs'][0]:g}..{m['speech_level_dbfs'][1]:g}"
@@ -360,7 +363,8 @@ def recipe_config(args, data_summary):
             **{k: list(v) if isinstance(v, tuple) else v for k, v in args.mixing.items()},
             "loss": "si-snr", "mag_weight": args.mag_weight, "mag_power": args.mag_power,
             "stoi_weight": args.stoi_weight, "floor_start_prob": args.floor_start_prob, "seed": args.seed,
-            "batch_size": args.batch_size, "steps_per_epoch": args.steps_per_epoch, "data": data_summary}
+            "batch_size": args.batch_size, "steps_per_epoch": args.steps_per_epoch,
+            "noise_exclude": args.noise_exclude, "data": data_summary}
 
 
 def write_log(log_path, row, is_best=False):

@@ -270,3 +270,12 @@ def test_corpus_groups_and_bad_mixing(tiny_corpus, tmp_path):
                         (dict(level_swing_db=50.0), "level swing"), (dict(colour=1.0), "unknown mixing option")):
         with pytest.raises(SystemExit, match=message):
             dataset.check_mixing(**kw)
+
+
+def test_subfolders_can_be_left_out(tiny_corpus, tmp_path):
+    """exclude takes globs of first-level subfolders (train.py --noise-exclude 'music_*'); files directly in the
+    folder always stay, and the cache tells the two corpora apart."""
+    everything = dataset.load_corpus(tiny_corpus / "speech", cache_dir=tmp_path)
+    without_a = dataset.load_corpus(tiny_corpus / "speech", cache_dir=tmp_path, exclude=("a*",))
+    assert len(everything) == 8 and len(without_a) == 2
+    assert len(list(tmp_path.glob("*.npz"))) == 2

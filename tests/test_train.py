@@ -186,13 +186,13 @@ def test_mixing_flags_reach_the_mixer_and_the_checkpoint(tiny_corpus, tmp_path, 
     monkeypatch.chdir(tmp_path)
     extra = ["--snr-span", "utterance", "--epochs", "1", "--steps-per-epoch", "4", "--babble-prob", "0.5",
              "--clip-prob", "0.2", "--snr-range-db", "-10", "20", "--speech-level-dbfs", "-40", "-20",
-             "--babble-talkers", "2", "3", "--stoi-weight", "5", "--keys", ""]
+             "--babble-talkers", "2", "3", "--stoi-weight", "5", "--keys", "", "--noise-exclude", "nothing*"]
     assert train.main(tiny_args(tiny_corpus, tmp_path / "p", *extra)) == 0
     ck = torch.load(tmp_path / "p" / "last.pt", weights_only=False)
     cfg = ck["config"]
     assert cfg["snr_span"] == "utterance" and cfg["babble_prob"] == 0.5 and cfg["clip_prob"] == 0.2
     assert cfg["babble_talkers"] == [2, 3] and cfg["snr_range_db"] == [-10, 20]
-    assert cfg["speech_level_dbfs"] == [-40, -20] and cfg["stoi_weight"] == 5
+    assert cfg["speech_level_dbfs"] == [-40, -20] and cfg["stoi_weight"] == 5 and cfg["noise_exclude"] == "nothing*"
     assert cfg["typing_prob"] == dataset.TYPING_PROB  # asked for, recorded as asked ...
     assert "SNR -10..20 dB over the utterance" in cfg["data"] and "0 keys for typing" in cfg["data"]
     assert "typing 0," in cfg["data"]  # ... but with no keys there was none, and the summary says so
