@@ -207,15 +207,18 @@ class Mixer:
         self.speech_p, self.noise_p = sl / sl.sum(), nl / nl.sum()
         self.speech_rms = [rms(s) for s in speech]
         self.groups = np.array(speech_groups if speech_groups is not None else [""] * len(speech))
+        # Draw probabilities with one source left out, for babble, computed once per source instead of per talker.
+        self.speech_p_without = {}
+        for g in set(self.groups.tolist()):
+            if (self.groups != g).any():
+                p = np.where(self.groups == g, 0.0, self.speech_p)
+                self.speech_p_without[g] = p / p.sum()
 
     def speech_segment(self, rng, scored=None, exclude=None):
         """A stretch of one speech file and that file's RMS; `scored` samples at its end must not be silent.
         exclude: a source whose files are not drawn (babble's talkers are never the target's)."""
         scored = scored or self.scored_samp
-        p = self.speech_p
-        if exclude is not None and (self.groups != exclude).any():
-            p = np.where(self.groups == exclude, 0.0, p)
-            p = p / p.sum()
+        p = self.speech_p_without.get(exclude, self.speech_p)
         for _ in range(20):
             i = rng.choice(len(self.speech), p=p)
             clip = self.speech[i]

@@ -348,23 +348,20 @@ def print_list(probe, base_url, timeout_s):
 
 
 def parse_args(argv=None):
-    """The settings above as flags of the same name (dsp.add_constant_flags, as every script here); the ones the
-    download functions read as module constants are set from their flags."""
+    """The settings above that a user turns, as flags of the same name (dsp.add_constant_flags, as every script
+    here); BACKOFF_MAX_S, CHUNK_BYTES and UNPACKED_RATIO stay constants to edit."""
     import dsp
     p = dsp.OneLineParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="print archives, subsets and sizes, then exit")
     p.add_argument("--probe", action="store_true", help="with --list: exact sizes from the server (HEAD)")
-    names = ["BASE_URL", "DEST", "SUBSET", "RETRIES", "BACKOFF_S", "BACKOFF_MAX_S", "TIMEOUT_S", "CHUNK_BYTES",
-             "KEEP_ARCHIVES", "UNPACKED_RATIO"]
+    names = ["BASE_URL", "DEST", "SUBSET", "RETRIES", "BACKOFF_S", "TIMEOUT_S", "KEEP_ARCHIVES"]
     dsp.add_constant_flags(p, globals(), names, __file__)
     args = p.parse_args(argv)
     if args.subset not in SUBSETS:
         p.error(f"argument --subset: {args.subset!r} is not one of {', '.join(sorted(SUBSETS))}")
     if args.probe and not args.list:
         p.error("--probe only goes with --list")
-    globals().update(BACKOFF_MAX_S=args.backoff_max_s, CHUNK_BYTES=args.chunk_bytes,
-                     UNPACKED_RATIO=args.unpacked_ratio)
     return args
 
 

@@ -53,8 +53,8 @@ RESAMPLE_QUALITY = "LQ"    # soxr quality when a device refuses 16 kHz: QQ, LQ (
 SETTLE_S = 0.5             # seconds of start-up not counted in settled_* (a chain's startup_ms wins; --settle-s)
 # ------------------------------------------------------------------------------------------------------------
 LIVE_FLAGS = ["BLOCK_MS", "DEVICE_LATENCY", "OUT_TARGET_MS", "CUSHION_MARGIN", "OUT_TARGET_MAX_MS", "WARMUP_S",
-              "FADE_MS", "SETTLE_DELAY_S", "REANCHOR_MS", "OUT_REALIGN_MS", "IN_REALIGN_MS", "BUFFER_CAP_MS", "STATUS_INTERVAL_S",
-              "WARN_INTERVAL_S", "RETRY_INTERVAL_S", "DEVICE_STALL_S", "RESAMPLE_QUALITY"]
+              "FADE_MS", "SETTLE_DELAY_S", "REANCHOR_MS", "OUT_REALIGN_MS", "IN_REALIGN_MS", "BUFFER_CAP_MS",
+              "STATUS_INTERVAL_S", "WARN_INTERVAL_S", "RETRY_INTERVAL_S", "DEVICE_STALL_S", "RESAMPLE_QUALITY"]
 
 STATS_PREFIX = "stats:"  # the final summary line starts with this (tests and scripts parse it)
 READY_LINE = "live: running, Ctrl+C stops"  # printed once audio is flowing
