@@ -14,7 +14,26 @@ Head     Conv(C->1) + Sigmoid
 With C = BASE_CH = 32 that is about 3.9 M parameters. Strides halve both frequency and time; every UpBlock
 crops its upsampled map to its skip's size, so any F and any T >= 1 work (the live pipeline's
 26-frame window and 100-frame training segments run through the same weights).
+
+The low-latency streaming model (StreamNet, train.py --arch stream, denoiser_lowlatency.onnx) is a different
+net for a different budget: 32 ms of algorithmic latency and a fiftieth of a core. Why it looks as it does:
+  - A 512-point sqrt-Hann STFT with a 256-sample hop (32 ms window, 16 ms hop), analysis and synthesis alike: the
+    two windows multiply to a periodic Hann, whose 50 % overlap-add is exactly one, so an all-ones mask gives the
+    input back. Latency is the window, 32 ms; 16 ms hops halve the frame rate (and the cost) of 8 ms ones.
+  - Memory in recurrent state instead of a 200 ms window: two GRUs carry what came before (the room, the voice),
+    as NSNet2, DTLN and GTCRN do; nothing after the current frame is ever read, so the model is causal.
+  - Level-free input: per bin, log|X| minus its own running mean (a 1 s exponential average, DeepFilterNet's
+    mean normalisation), next to log|X| itself. The difference says "louder than this room usually is", which is
+    speech, whatever the microphone's gain; the running mean is the model's noise memory.
+  - Full-band dense input (257 bins) instead of ERB bands: at 257 x 192 weights it is cheap, and a mask per bin
+    keeps the harmonics a band gain would blur. The second GRU is grouped (two halves of 96, GTCRN's and
+    DeepFilterNet's trick) after a full first GRU that mixes the groups: about 0.48 M parameters.
+  - A real mask in [0, 1] on the noisy phase, as the U-Net: bounded, so it can only remove, never invent.
+Whole-utterance (StreamNet.forward) and frame-by-frame (StreamNet.step, what the ONNX export runs with its state
+as an explicit input and output) share every weight and every operation, so they agree to float rounding.
 """
+import math
+
 import torch
 import torch.nn as nn
 
@@ -200,3 +219,127 @@ def average_checkpoints(paths):
     out["model"] = {k: sum(ck["model"][k] for ck in cks) / len(cks) if v.is_floating_point() else v
                     for k, v in ref.items()}
     return out
+
+
+# --- the low-latency streaming model -------------------------------------------------------------------------
+
+STREAM_N_FFT = 512          # STFT size: 32 ms window, 257 bins; the algorithmic latency of the streaming model
+STREAM_HOP_SAMP = 256       # hop: 16 ms, half the window (the sqrt-Hann pair overlap-adds to one only at 50 %)
+STREAM_HIDDEN = 192         # GRU width; 192 = about 0.48 M parameters (the issue's budget is 0.5 M)
+STREAM_GROUPS = 2           # the second GRU is split in this many independent groups (fewer weights, same width)
+NORM_TAU_S = 1.0            # time constant of the running mean each bin is measured against; longer = steadier
+NORM_INIT = -7.0            # running mean's start (log|X|, about a quiet room); the state holds the offset from it
+FEAT_CENTRE, FEAT_SCALE = -6.0, 4.0  # log|X| is mapped to (log|X| - centre) / scale: roughly -2..2 for speech
+
+
+def stream_window(device=None):
+    """sqrt of the periodic Hann: analysis and synthesis windows multiply to a Hann, whose 50 % overlap-add is 1."""
+    return torch.hann_window(STREAM_N_FFT, periodic=True, device=device).sqrt()
+
+
+class StreamNet(nn.Module):
+    """log|X| per frame -> mask per bin, causal. forward() takes [B, T, F] (a whole utterance, from zero state);
+    step() takes one frame [B, F] and the packed state [B, state_size] and returns (mask, new state)."""
+
+    def __init__(self, hidden=STREAM_HIDDEN, groups=STREAM_GROUPS, bins=STREAM_N_FFT // 2 + 1):
+        super().__init__()
+        if hidden % groups:
+            raise ValueError(f"hidden {hidden} must split into {groups} equal groups")
+        self.hidden, self.groups, self.bins = hidden, groups, bins
+        self.alpha = math.exp(-STREAM_HOP_SAMP / (SAMPLE_RATE * NORM_TAU_S))
+        self.inp = nn.Linear(2 * bins, hidden)
+        self.gru1 = nn.GRU(hidden, hidden, batch_first=True)
+        g = hidden // groups
+        self.gru2 = nn.ModuleList(nn.GRU(g, g, batch_first=True) for _ in range(groups))
+        self.out = nn.Linear(hidden, bins)
+        self.state_size = bins + 2 * hidden  # running mean per bin, gru1's hidden, gru2's groups' hiddens
+
+    def running_mean(self, logmag, mu0):
+        """mu_t = a mu_{t-1} + (1 - a) x_t over [B, T, F] from mu0 [B, F], as one matrix product per chunk of
+        frames (a Python loop over T would dominate a training step); returns [B, T, F]."""
+        a, out, chunk = self.alpha, [], 256
+        for s in range(0, logmag.shape[1], chunk):
+            x = logmag[:, s:s + chunk]
+            n = x.shape[1]
+            t = torch.arange(n, device=x.device, dtype=x.dtype)
+            lag = t[:, None] - t[None, :]
+            weights = torch.where(lag >= 0, (1 - a) * a ** lag.clamp_min(0), torch.zeros_like(lag))  # [T, T]
+            mu = torch.einsum("ts,bsf->btf", weights, x) + (a ** (t + 1))[None, :, None] * mu0[:, None]
+            out.append(mu)
+            mu0 = mu[:, -1]
+        return torch.cat(out, 1)
+
+    def core(self, logmag, mu, h1, h2):
+        """Shared by forward and step: [B, T, F] features and running means -> mask [B, T, F] and GRU states."""
+        feats = torch.cat([(logmag - FEAT_CENTRE) / FEAT_SCALE, (logmag - mu) / FEAT_SCALE], -1)
+        x = torch.relu(self.inp(feats))
+        y1, h1 = self.gru1(x, h1)
+        parts, states = y1.chunk(self.groups, -1), h2.chunk(self.groups, -1)
+        outs = [gru(p, s.contiguous()) for gru, p, s in zip(self.gru2, parts, states)]
+        y2 = torch.cat([o[0] for o in outs], -1) + y1
+        return torch.sigmoid(self.out(y2)), h1, torch.cat([o[1] for o in outs], -1)
+
+    def split_state(self, state):
+        b, h = self.bins, self.hidden
+        return state[:, :b] + NORM_INIT, state[:, None, b:b + h].transpose(0, 1), state[:, None, b + h:].transpose(0, 1)
+
+    def forward(self, logmag, state=None):
+        if state is None:
+            state = logmag.new_zeros(logmag.shape[0], self.state_size)
+        mu0, h1, h2 = self.split_state(state)
+        mu = self.running_mean(logmag, mu0)
+        return self.core(logmag, mu, h1.contiguous(), h2.contiguous())[0]
+
+    def step(self, logmag, state):
+        """One frame [B, F] and the state [B, state_size] -> (mask [B, F], state): what the ONNX model runs."""
+        mu0, h1, h2 = self.split_state(state)
+        mu = self.alpha * mu0 + (1 - self.alpha) * logmag
+        mask, h1, h2 = self.core(logmag[:, None], mu[:, None], h1.contiguous(), h2.contiguous())
+        new_state = torch.cat([mu - NORM_INIT, h1[0], h2[0]], -1)
+        return mask[:, 0], new_state
+
+
+class StreamStep(nn.Module):
+    """StreamNet.step as a module's forward, for the ONNX export (one frame in, one frame out, state explicit)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, logmag, state):
+        return self.net.step(logmag, state)
+
+
+def stream_frames(wave):
+    """[B, N] -> complex [B, T, F], T = N // hop: frame t ends at sample (t + 1) * hop, so the first frame is one
+    hop of zeros and one of audio, exactly what the streaming pipeline holds after its first hop."""
+    h = STREAM_HOP_SAMP
+    n = wave.shape[-1] // h * h
+    padded = torch.nn.functional.pad(wave[..., :n], (STREAM_N_FFT - h, 0))
+    frames = padded.unfold(-1, STREAM_N_FFT, h) * stream_window(wave.device)
+    return torch.fft.rfft(frames)
+
+
+def stream_overlap_add(spec):
+    """Complex [B, T, F] -> [B, T * hop]: inverse FFT, synthesis window, 50 % overlap-add. Output hop t is the
+    first half of frame t plus the second half of frame t - 1, as the pipeline emits it after frame t; it is the
+    input one hop earlier (STREAM_N_FFT - hop samples of delay), and the last hop of input is never finished."""
+    h = STREAM_HOP_SAMP
+    y = torch.fft.irfft(spec, n=STREAM_N_FFT) * stream_window(spec.device)
+    first, second = y[..., :h], y[..., h:]
+    second = torch.nn.functional.pad(second, (0, 0, 1, 0))[:, :-1]  # frame t - 1's second half, at t
+    return (first + second).reshape(spec.shape[0], -1)
+
+
+def stream_log_magnitude(spec):
+    return torch.log(spec.abs() + LOG_EPS)
+
+
+def enhance_stream(net, noisy):
+    """[B, N] -> (enhanced [B, N'], mask), aligned with the input: N' = N // hop * hop - hop samples (the hop the
+    pipeline's delay holds back is dropped from the end). Exactly the streaming pipeline's model-only output,
+    with the delay removed."""
+    spec = stream_frames(noisy)
+    mask = net(stream_log_magnitude(spec))
+    out = stream_overlap_add(spec * mask)
+    return out[:, STREAM_N_FFT - STREAM_HOP_SAMP:], mask

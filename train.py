@@ -1,9 +1,11 @@
-"""Train the denoiser's U-Net (model.py) on clean speech + noise mixed on the fly like a call (dataset.py).
+"""Train the denoiser's U-Net, or the low-latency streaming model (model.py), on clean speech + noise mixed on
+the fly like a call (dataset.py).
 
     python train.py --out-dir checkpoints/mine          # from scratch on ../shared/data/train
     python train.py --resume --out-dir checkpoints/mine # carry on from last.pt, as it was started
     python train.py --init-from checkpoints/stoi6b/epoch4.pt --floor-hops 20 --snr-span utterance \
         --mag-weight 10 --stoi-weight 200 --lr 2e-4 --epochs 12 --out-dir checkpoints/callmix   # docs/TRAINING.md
+    python train.py --arch stream --out-dir checkpoints/stream   # the 32 ms model (docs/TRAINING.md)
     python train.py --speech DNS/clean --noise DNS/noise   # the layout download_dataset.py writes
     torchrun --nproc_per_node=4 train.py                # several GPUs (DistributedDataParallel)
 
@@ -17,10 +19,13 @@ included, plus MAG_WEIGHT x a compressed-magnitude term and STOI_WEIGHT x a STOI
 Validation each epoch: SI-SNR on a fixed synthetic set, and SI-SNR improvement, PESQ-WB and STOI on the paired
 dev sets (DEV and the real recordings of DEV_REAL) run through the pipeline's 50%-overlap windowing;
 best.pt keeps the epoch with the best mean over both sets (SELECT_SNR_WEIGHT), and each epoch is kept too.
+The streaming model (--arch stream) learns on STREAM_SEGMENT_SAMP-long examples run frame by frame from zero
+state, exactly as the pipeline runs it from start-up, and is scored on the whole example.
 Runs on CUDA (bf16 autocast), Apple MPS or CPU, picked automatically. Every constant below and every mixing
 constant of dataset.py is a flag of the same name (SPEECH -> --speech, SNR_RANGE_DB -> --snr-range-db).
 """
 import argparse
+import concurrent.futures
 import copy
 import csv
 import math
@@ -45,6 +50,9 @@ KEYS = "../shared/data/train/noise_events/keyboard"  # key one-shots for typing 
 DEV = "../shared/data/dev"                   # paired clean/ and noisy/ for validation ("" to skip)
 DEV_REAL = "../shared/data/dev_real"         # real recorded pairs, validated beside DEV ("" or absent: skip)
 OUT_DIR = "checkpoints"                      # last.pt, best.pt, epochN.pt and train_log.csv go here
+ARCH = "unet"              # "unet": the 200 ms U-Net (denoiser.onnx); "stream": the 32 ms model (denoiser_lowlatency)
+STREAM_SEGMENT_SAMP = 32000  # [2048, 480000] --arch stream: samples per training example; longer = more memory learnt
+STREAM_HIDDEN = M.STREAM_HIDDEN  # [16, 512] --arch stream: GRU width; see model.py
 SEGMENT_SAMP = 3200        # [256, 32000] training window; 3200 = the pipeline's window, which it must match
 FLOOR_HOPS = 0             # [0, 100] noise floor over this many 100 ms hops as a second input (0 = none, 20 = 2 s)
 FLOOR_START_PROB = 0.25    # [0, 1] with FLOOR_HOPS, share of examples whose past is cut short, as after start-up
@@ -82,15 +90,20 @@ def si_snr_loss(est, ref):
     return -si_snr(est, ref).mean()
 
 
-def compressed_mag_loss(est, ref, noisy, power=MAG_POWER):
+def stream_stft(wave):
+    """The streaming model's own STFT as [B, F, T], for the loss terms: a quarter of the U-Net STFT's frames."""
+    return M.stream_frames(wave).transpose(-1, -2)
+
+
+def compressed_mag_loss(est, ref, noisy, power=MAG_POWER, spec_fn=M.stft):
     """Mean squared error of |STFT|^power per row of [B, N] (Braun & Tashev 2021). SI-SNR is ruled by the loud
     vowels; the compression lifts quiet bins (consonants, the noise left in pauses) that decide intelligibility
     and how clean the background sounds. Both signals are divided by the input's RMS, so the term does not
     depend on the mixture's level, and it is defined on silent references too."""
     scale = noisy.pow(2).mean(-1, keepdim=True).sqrt() + 1e-8
     # clamp: the gradient of x^0.3 is infinite at 0
-    e = M.stft(est / scale).abs().clamp_min(1e-6).pow(power)
-    r = M.stft(ref / scale).abs().pow(power)
+    e = spec_fn(est / scale).abs().clamp_min(1e-6).pow(power)
+    r = spec_fn(ref / scale).abs().pow(power)
     return (e - r).pow(2).mean((-2, -1))
 
 
@@ -102,15 +115,15 @@ def third_octave_bands(n_fft=M.N_FFT, rate=M.SAMPLE_RATE, bands=15, lowest_hz=15
     return torch.from_numpy(((freqs >= low[:, None]) & (freqs < high[:, None])).astype(np.float32))
 
 
-def envelope_loss(est, ref, clip_db=15.0, eps=1e-8):
+def envelope_loss(est, ref, clip_db=15.0, eps=1e-8, spec_fn=M.stft):
     """1 - STOI's intermediate intelligibility per row of [B, N]: the correlation between the clean and the
     enhanced one-third-octave band envelopes, the enhanced one scaled to the clean's energy and clipped at
     clip_db above it, averaged over the bands. STOI takes 384 ms segments; a 200 ms window is one shorter
     segment, which is all the pipeline's model sees at once. Speech that a mask drowns in residual noise or
     cuts out changes the envelope shape, which SI-SNR over a loud vowel barely weighs."""
     bands = third_octave_bands().to(est.device)
-    power_r = M.stft(ref).abs().pow(2)
-    env_e = (bands @ M.stft(est).abs().pow(2)).clamp_min(eps).sqrt()  # [B, bands, T]
+    power_r = spec_fn(ref).abs().pow(2)
+    env_e = (bands @ spec_fn(est).abs().pow(2)).clamp_min(eps).sqrt()  # [B, bands, T]
     env_r = (bands @ power_r).clamp_min(eps).sqrt()
     # Like STOI, frames 40 dB or more below the loudest clean frame do not count (here: the window's loudest).
     frame = power_r.sum(1, keepdim=True)
@@ -148,6 +161,23 @@ def enhance_windowed(net, noisy, window=SEGMENT_SAMP, batch=256, floor_hops=0,
     return out[hop:hop + n]
 
 
+def enhance_file(net, noisy, arch="unet", window=SEGMENT_SAMP, floor_hops=0):
+    """One whole file through the model as the pipeline runs it, aligned with the input and as long."""
+    if arch == "stream":
+        out = M.enhance_stream(net, noisy[None])[0][0]
+        return torch.nn.functional.pad(out, (0, noisy.shape[-1] - out.shape[-1]))
+    return enhance_windowed(net, noisy, window, floor_hops=floor_hops)
+
+
+def model_output(net, noisy, arch="unet", window=SEGMENT_SAMP, floor_hops=0, channels_last=False):
+    """(estimate, the slice of the example it stands for): the U-Net's output is its last window; the streaming
+    model's is the example less the final hop its delay holds back."""
+    if arch == "stream":
+        est = M.enhance_stream(net, noisy)[0]
+        return est, slice(0, est.shape[-1])
+    return M.enhance(net, noisy, floor_hops, window, channels_last)[0][:, -window:], slice(-window, None)
+
+
 def validation_set(mixer, n, seed):
     """The fixed synthetic validation windows, drawn like the training ones but plainly mixed (dataset.PLAIN:
     no babble, clipping or microphone; the default SNR range and level), so runs with other mixing options
@@ -160,19 +190,20 @@ def validation_set(mixer, n, seed):
 
 
 @torch.no_grad()
-def validate(net, val, devs, device, floor_hops=0, window=SEGMENT_SAMP, select_weight=SELECT_SNR_WEIGHT):
+def validate(net, val, devs, device, floor_hops=0, window=SEGMENT_SAMP, select_weight=SELECT_SNR_WEIGHT,
+             arch="unet"):
     """SI-SNR on the fixed synthetic windows, and per dev set ({name: pairs}) SI-SNRi, PESQ-WB and STOI of the
     model run as the pipeline runs it; "select" is the mean over the sets of PESQ-WB + select_weight x SI-SNRi."""
     import metrics  # the same PESQ and STOI scoring as the published figures
     net.eval()
     noisy, clean = (torch.from_numpy(a).to(device) for a in val)
-    est = torch.cat([M.enhance(net, noisy[i:i + 64], floor_hops, window)[0][:, -window:]
-                     for i in range(0, len(noisy), 64)])
-    row = {"val_si_snr": si_snr(est, clean[:, -window:]).mean().item()}
+    outs = [model_output(net, noisy[i:i + 64], arch, window, floor_hops) for i in range(0, len(noisy), 64)]
+    est, keep = torch.cat([o[0] for o in outs]), outs[0][1]
+    row = {"val_si_snr": si_snr(est, clean[:, keep]).mean().item()}
     for name, pairs in devs.items():
         gains, pesqs, stois = [], [], []
         for _, nz, cl, _ in pairs:
-            out = enhance_windowed(net, torch.from_numpy(nz).to(device), window, floor_hops=floor_hops).cpu()
+            out = enhance_file(net, torch.from_numpy(nz).to(device), arch, window, floor_hops).cpu()
             ref = torch.from_numpy(cl)
             gains.append((si_snr(out[None], ref[None]) - si_snr(torch.from_numpy(nz)[None], ref[None])).item())
             pesqs.append(metrics.pesq_wb(cl, out.numpy())[0])
@@ -208,7 +239,8 @@ def build_parser():
 
 # What makes a run that run: checkpoint config key -> flag. --resume takes these from last.pt, so a resumed run
 # mixes, scores and schedules exactly as before; a flag given with --resume that says otherwise is refused.
-RECIPE = {"base_ch": "base_ch", "window_samp": "segment_samp", "floor_hops": "floor_hops",
+RECIPE = {"arch": "arch", "stream_segment_samp": "stream_segment_samp", "hidden": "stream_hidden",
+          "base_ch": "base_ch", "window_samp": "segment_samp", "floor_hops": "floor_hops",
           "floor_start_prob": "floor_start_prob", "mag_weight": "mag_weight", "mag_power": "mag_power",
           "stoi_weight": "stoi_weight", "seed": "seed", "batch_size": "batch_size",
           "steps_per_epoch": "steps_per_epoch", "noise_exclude": "noise_exclude", **{key: key for key in dataset.MIXING}}
@@ -248,8 +280,17 @@ def parse_args(argv):
             raise SystemExit(f"error: --resume but no checkpoint at {last_path}")
         args.resumed = torch.load(last_path, map_location="cpu", weights_only=False)
         adopt_recipe(args, argv, args.resumed, last_path)
+    if args.arch not in ("unet", "stream"):
+        raise SystemExit(f"error: --arch is unet or stream, not {args.arch}")
     if args.segment_samp < 2 * M.STFT_HOP_SAMP:
         raise SystemExit("error: --segment-samp must be at least two STFT hops")
+    if args.arch == "stream":
+        if args.floor_hops:
+            raise SystemExit("error: --floor-hops is the U-Net's noise floor; the streaming model keeps its own "
+                             "running mean, so drop --floor-hops with --arch stream")
+        if args.stream_hidden % M.STREAM_GROUPS:
+            raise SystemExit(f"error: --stream-hidden must be a multiple of {M.STREAM_GROUPS} (its GRU groups)")
+        args.segment_samp = args.stream_segment_samp  # one name for "the example" below
     args.mixing = {key: tuple(getattr(args, key)) if isinstance(getattr(args, key), (list, tuple))
                    else getattr(args, key) for key in dataset.MIXING}
     dataset.check_mixing(**args.mixing)
@@ -296,8 +337,9 @@ def make_model(args, device, main_proc):
     """(net, optimizer, scheduler, epoch, step, best score): fresh, from --init-from, or as --resume left it."""
     torch.manual_seed(args.seed)
     in_ch = 2 if args.floor_hops else 1
-    net = M.UNet(args.base_ch, in_ch).to(device)
-    if device.type == "cpu":
+    stream = args.arch == "stream"
+    net = (M.StreamNet(args.stream_hidden) if stream else M.UNet(args.base_ch, in_ch)).to(device)
+    if device.type == "cpu" and not stream:
         net = net.to(memory_format=torch.channels_last)  # 1.5x faster convolutions on x86 CPUs
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * args.steps_per_epoch,
@@ -309,14 +351,23 @@ def make_model(args, device, main_proc):
         except ValueError as exc:
             raise SystemExit(f"error: --init-from: {exc}")
         args.init_from = " ".join(args.init_from)  # as the config records it
-        if ck["config"].get("base_ch", 0) != args.base_ch:
+        if ck["config"].get("arch", "unet") != args.arch:
+            raise SystemExit(f"error: {args.init_from} is a {ck['config'].get('arch', 'unet')} model, not "
+                             f"{args.arch}; pass --arch {ck['config'].get('arch', 'unet')}")
+        if stream:
+            try:
+                net.load_state_dict(ck["model"])
+            except RuntimeError:
+                raise SystemExit(f"error: {args.init_from} is a streaming model of another width; pass its "
+                                 f"--stream-hidden ({ck['config'].get('hidden')})") from None
+        elif ck["config"].get("base_ch", 0) != args.base_ch:
             raise SystemExit(f"error: {args.init_from} has base_ch {ck['config'].get('base_ch', 0)}, "
                              f"not {args.base_ch}")
-        if ck["model"]["e1.0.weight"].shape[1] > in_ch:
+        elif ck["model"]["e1.0.weight"].shape[1] > in_ch:
             raise SystemExit(f"error: {args.init_from} takes a noise-floor input; "
                              f"pass --floor-hops {ck['config']['floor_hops']}")
-        # A model without the noise-floor input starts a floor run with that input's weights at zero.
-        net.load_state_dict(M.widen_input(ck["model"], in_ch))
+        else:  # a model without the noise-floor input starts a floor run with that input's weights at zero
+            net.load_state_dict(M.widen_input(ck["model"], in_ch))
         if main_proc:
             print(f"initialised from {args.init_from} (epoch {ck.get('epoch', '?')}); new optimizer and schedule")
     if args.resumed:
@@ -332,22 +383,28 @@ def make_model(args, device, main_proc):
     return net, opt, sched, epoch, step, best
 
 
-def training_step(args, train_net, net, opt, sched, mixer, rng, device, autocast):
-    """One optimizer step on a fresh batch; returns the loss."""
+def make_batch(args, mixer, rng):
+    """A fresh batch of (noisy, clean) examples; runs in a helper thread while the previous step trains."""
     noisy, clean = mixer.batch(rng, args.batch_size)
     if args.floor_hops:  # zeros before a random start: what the pipeline holds in its first 2 s
         for i in np.flatnonzero(rng.random(len(noisy)) < args.floor_start_prob):
             noisy[i, :rng.integers(1, args.floor_hops) * (args.segment_samp // 2)] = 0.0
-    noisy, clean = torch.from_numpy(noisy).to(device), torch.from_numpy(clean).to(device)
+    return noisy, clean
+
+
+def training_step(args, train_net, net, opt, sched, batch, device, autocast):
+    """One optimizer step on a batch from make_batch; returns the loss."""
+    noisy, clean = (torch.from_numpy(a).to(device) for a in batch)
     with autocast:
-        est, _ = M.enhance(train_net, noisy, args.floor_hops, args.segment_samp, device.type == "cpu")
-    w = args.segment_samp
-    est, clean, noisy = est[:, -w:], clean[:, -w:], noisy[:, -w:]
+        est, keep = model_output(train_net, noisy, args.arch, args.segment_samp, args.floor_hops,
+                                 device.type == "cpu")
+    clean, noisy = clean[:, keep], noisy[:, keep]
     loss = si_snr_loss(est, clean)
+    spec_fn = stream_stft if args.arch == "stream" else M.stft
     if args.mag_weight:
-        loss = loss + args.mag_weight * compressed_mag_loss(est, clean, noisy, args.mag_power).mean()
+        loss = loss + args.mag_weight * compressed_mag_loss(est, clean, noisy, args.mag_power, spec_fn).mean()
     if args.stoi_weight:
-        loss = loss + args.stoi_weight * envelope_loss(est, clean).mean()
+        loss = loss + args.stoi_weight * envelope_loss(est, clean, spec_fn=spec_fn).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
@@ -357,8 +414,11 @@ def training_step(args, train_net, net, opt, sched, mixer, rng, device, autocast
 
 
 def recipe_config(args, data_summary):
-    return {"base_ch": args.base_ch, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
-            "sample_rate": M.SAMPLE_RATE, "window_samp": args.segment_samp, "context_samp": 0,
+    stream = args.arch == "stream"
+    geometry = ({"n_fft": M.STREAM_N_FFT, "stft_hop_samp": M.STREAM_HOP_SAMP, "window_samp": M.STREAM_N_FFT,
+                 "stream_segment_samp": args.segment_samp, "hidden": args.stream_hidden} if stream else
+                {"n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP, "window_samp": args.segment_samp})
+    return {"arch": args.arch, "base_ch": args.base_ch, **geometry, "sample_rate": M.SAMPLE_RATE, "context_samp": 0,
             "log_eps": M.LOG_EPS, "floor_hops": args.floor_hops, "init_from": args.init_from or "",
             **{k: list(v) if isinstance(v, tuple) else v for k, v in args.mixing.items()},
             "loss": "si-snr", "mag_weight": args.mag_weight, "mag_power": args.mag_power,
@@ -410,10 +470,12 @@ def main(argv=None):
     if main_proc and step == 0:  # the untrained baseline, so the log shows what training bought
         base = {"epoch": 0, "step": 0, "train_loss": float("nan"), "lr": args.lr, "audio_s_per_s": float("nan"),
                 "epoch_minutes": 0.0}
-        base.update(validate(net, val, devs, device, args.floor_hops, args.segment_samp, args.select_snr_weight))
+        base.update(validate(net, val, devs, device, args.floor_hops, args.segment_samp, args.select_snr_weight,
+                             args.arch))
         write_log(log_path, base)
 
     from tqdm import tqdm
+    prefetch = concurrent.futures.ThreadPoolExecutor(1)
     steps_this_run = 0
     while epoch < args.epochs:
         # Each epoch draws from its own seed, so a resumed run sees the same data as an uninterrupted one.
@@ -421,8 +483,12 @@ def main(argv=None):
         t0, losses = time.time(), []
         bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not main_proc,
                    leave=False, dynamic_ncols=True)
+        # Mixing the next batch overlaps the step (numpy and torch release the GIL); one rng, drawn in order.
+        pending = prefetch.submit(make_batch, args, mixer, rng)
         for _ in bar:
-            losses.append(training_step(args, train_net, net, opt, sched, mixer, rng, device, autocast))
+            batch = pending.result()
+            pending = prefetch.submit(make_batch, args, mixer, rng)
+            losses.append(training_step(args, train_net, net, opt, sched, batch, device, autocast))
             step += 1
             steps_this_run += 1
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.2f}", lr=f"{sched.get_last_lr()[0]:.2e}")
@@ -439,7 +505,8 @@ def main(argv=None):
         row = {"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)), "lr": sched.get_last_lr()[0],
                "audio_s_per_s": len(losses) * args.batch_size * args.segment_samp / M.SAMPLE_RATE / secs,
                "epoch_minutes": secs / 60}
-        row.update(validate(net, val, devs, device, args.floor_hops, args.segment_samp, args.select_snr_weight))
+        row.update(validate(net, val, devs, device, args.floor_hops, args.segment_samp, args.select_snr_weight,
+                             args.arch))
         score = row.get("select", row["val_si_snr"])
         is_best = score > best
         best = max(best, score)

@@ -101,3 +101,53 @@ def test_average_checkpoints_refuses_different_models(tmp_path):
     for other in ("wide.pt", "k20.pt"):
         with pytest.raises(ValueError, match="not the same model"):
             M.average_checkpoints([tmp_path / "a.pt", tmp_path / other])
+
+
+# --- the streaming model ---
+
+def test_stream_model_is_within_the_parameter_budget():
+    assert M.count_parameters(M.StreamNet()) <= 500_000
+
+
+def test_stream_framing_with_unit_mask_gives_the_input_back():
+    class Ones(torch.nn.Module):
+        def forward(self, logmag):
+            return torch.ones_like(logmag)
+    x = torch.randn(2, 16000)
+    out, mask = M.enhance_stream(Ones(), x)
+    assert mask.shape == (2, 16000 // M.STREAM_HOP_SAMP, M.STREAM_N_FFT // 2 + 1)
+    assert out.shape[1] == 16000 // M.STREAM_HOP_SAMP * M.STREAM_HOP_SAMP - M.STREAM_HOP_SAMP
+    assert torch.allclose(out, x[:, :out.shape[1]], atol=1e-5)
+
+
+def test_stream_steps_equal_the_whole_utterance():
+    """Frame by frame with the state carried equals one pass over the utterance, over more frames than the
+    running mean's chunk (256), from a zero state and from a state left by earlier audio."""
+    torch.manual_seed(0)
+    net = M.StreamNet(hidden=32).eval()
+    logmag = torch.randn(2, 300, 257) * 2 - 5
+    with torch.no_grad():
+        whole = net(logmag)
+        state = torch.zeros(2, net.state_size)
+        steps = []
+        for t in range(300):
+            mask, state = net.step(logmag[:, t], state)
+            steps.append(mask)
+        assert (torch.stack(steps, 1) - whole).abs().max() < 1e-5
+        more = torch.randn(2, 40, 257) * 2 - 5
+        cont = net(more, state)
+        for t in range(40):
+            mask, state = net.step(more[:, t], state)
+            assert (mask - cont[:, t]).abs().max() < 1e-5
+    assert whole.min() >= 0 and whole.max() <= 1
+
+
+def test_stream_model_is_causal():
+    """Changing frame 50 changes no mask before it."""
+    net = M.StreamNet(hidden=32).eval()
+    a = torch.randn(1, 80, 257)
+    b = a.clone()
+    b[:, 50] += 3
+    with torch.no_grad():
+        ma, mb = net(a), net(b)
+    assert torch.equal(ma[:, :50], mb[:, :50]) and not torch.equal(ma[:, 50:], mb[:, 50:])

@@ -263,3 +263,29 @@ def test_fine_tune_with_noise_floor(tiny_corpus, tmp_path, monkeypatch):
         train.main(tiny_args(tiny_corpus, tmp_path / "ft", "--resume", "--epochs", "2", "--floor-hops", "0"))
     with pytest.raises(SystemExit, match="pass --floor-hops 4"):
         train.main(tiny_args(tiny_corpus, tmp_path / "x", "--init-from", str(tmp_path / "ft" / "last.pt")))
+
+
+STREAM = ["--arch", "stream", "--stream-hidden", "32", "--stream-segment-samp", "8000"]
+
+
+def test_stream_model_learns_and_resumes_as_started(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "st"
+    assert train.main(tiny_args(tiny_corpus, out, *STREAM, "--epochs", "2", "--steps-per-epoch", "10",
+                                *PLAIN_FLAGS)) == 0
+    rows = read_log(out / "train_log.csv")
+    assert float(rows[-1]["val_si_snr"]) > float(rows[0]["val_si_snr"]) + 0.5
+    ck = torch.load(out / "best.pt", weights_only=False)
+    assert ck["config"]["arch"] == "stream" and ck["config"]["n_fft"] == M.STREAM_N_FFT
+    assert ck["config"]["stft_hop_samp"] == M.STREAM_HOP_SAMP and ck["config"]["hidden"] == 32
+    with pytest.raises(SystemExit, match="hidden 32, not 64"):
+        train.main(tiny_args(tiny_corpus, out, "--resume", "--epochs", "3", "--stream-hidden", "64"))
+    assert train.main(tiny_args(tiny_corpus, out, "--resume", "--epochs", "3", "--steps-per-epoch", "10")) == 0
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 3
+    with pytest.raises(SystemExit, match="is a stream model, not unet"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "u", "--init-from", str(out / "best.pt")))
+
+
+def test_stream_refuses_the_unet_noise_floor(tiny_corpus, tmp_path):
+    with pytest.raises(SystemExit, match="drop --floor-hops"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "x", *STREAM, "--floor-hops", "20"))
