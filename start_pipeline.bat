@@ -5,6 +5,8 @@ rem   start_pipeline.bat               the ML pipeline (ml_denoiser_pipeline.py)
 rem   start_pipeline.bat b             the lightweight DSP pipeline (dsp_filter_pipeline.py)
 rem   start_pipeline.bat list          list the sound devices (list_devices.py)
 rem   start_pipeline.bat b --mic USB   any other flag goes to the pipeline (see its --help)
+rem   start_pipeline.bat install       start it at login (a launcher in the Startup folder), with any flags
+rem   start_pipeline.bat uninstall     stop starting it at login; "status" says whether it does
 rem
 rem Install VB-Audio Virtual Cable first (https://vb-audio.com/Cable/, then reboot). The pipeline writes to
 rem "CABLE Input"; in Zoom/Teams pick "CABLE Output" as the microphone. Ctrl+C stops.
@@ -20,6 +22,8 @@ rem virtual environment, relative to this folder
 set "VENV_DIR=.venv"
 rem holds the PID of the running pipeline
 set "PID_FILE=.cache\pipeline.pid"
+rem once this exists, the "pick CABLE Output in your call app" advice is not repeated
+set "FIRST_RUN_FILE=.cache\first_run_shown"
 
 rem A double-clicked window closes when the script ends: keep it open on errors and after "list".
 set "DOUBLE_CLICKED="
@@ -30,9 +34,17 @@ set "SCRIPT=ml_denoiser_pipeline.py"
 set "FIRST=%~1"
 if /i "%FIRST%"=="b" goto verb_b
 if /i "%FIRST%"=="list" goto verb_list
+set "VERB="
+if /i "%FIRST%"=="install" set "VERB=install"
+if /i "%FIRST%"=="uninstall" set "VERB=uninstall"
+if /i "%FIRST%"=="status" set "VERB=status"
+if defined VERB (
+    shift
+    goto verb_done
+)
 if "%FIRST%"=="" goto verb_done
 if "%FIRST:~0,1%"=="-" goto verb_done
-set "MSG=unknown verb '%FIRST%': use nothing for the ML pipeline, 'b' for the DSP pipeline or 'list'"
+set "MSG=unknown verb '%FIRST%': use nothing (ML pipeline), 'b' (DSP pipeline), 'list', 'install', 'uninstall' or 'status'"
 goto fail
 :verb_b
 set "SCRIPT=dsp_filter_pipeline.py"
@@ -78,6 +90,12 @@ if errorlevel 1 goto fail
 copy /y requirements.txt "%VENV_DIR%\requirements.installed" >nul
 :have_python
 
+if not defined VERB goto no_verb
+if "%VERB%"=="install" ("%PY%" autostart.py install "%~f0" %ARGS%) else ("%PY%" autostart.py %VERB%)
+set "RC=%errorlevel%"
+if defined DOUBLE_CLICKED pause
+exit /b %RC%
+:no_verb
 if not "%SCRIPT%"=="list_devices.py" goto run_pipeline
 "%PY%" %SCRIPT% %ARGS%
 set "RC=%errorlevel%"
@@ -87,6 +105,11 @@ exit /b %RC%
 rem ---- one instance at a time, then run ------------------------------------------------------------------------
 :run_pipeline
 if not exist ".cache" mkdir ".cache"
+if exist "%FIRST_RUN_FILE%" goto first_run_done
+echo first run: in Zoom, Teams, Meet or Discord pick "CABLE Output" as the microphone and turn the app's own
+echo noise suppression off (two suppressors fight and speech comes out choppy).
+type nul > "%FIRST_RUN_FILE%"
+:first_run_done
 set "DENOISER_PY=%PY%"
 set "DENOISER_ARGS=%SCRIPT%%ARGS%"
 set "DENOISER_PID_FILE=%PID_FILE%"

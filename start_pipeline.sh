@@ -6,6 +6,9 @@
 #   ./start_pipeline.sh list             # list the sound devices (list_devices.py)
 #   ./start_pipeline.sh b --mic USB      # any other flag goes to the pipeline (see its --help)
 #   ./start_pipeline.sh --keep-devices   # Linux: leave the virtual microphone in place after stopping
+#   ./start_pipeline.sh install [flags]  # start with the desktop session (systemd user unit / LaunchAgent)
+#   ./start_pipeline.sh uninstall        # stop starting with the session; `status` says whether it does
+#   ./start_pipeline.sh ab               # toggle bypass (raw microphone, same delay) in the running instance
 #
 # First run: creates the virtual environment .venv and installs requirements.txt into it (needs internet once;
 # no torch). Starting again stops the instance already running, through the PID file it wrote (never by
@@ -25,6 +28,7 @@ CABLE_SINK="denoiser_cable"               # Linux: null sink the pipeline writes
 CABLE_SINK_DESCRIPTION="Denoiser cable"   # its name in sound settings
 MIC_SOURCE="denoised_mic"                 # Linux: the virtual microphone apps record from
 MIC_SOURCE_DESCRIPTION="Denoised microphone"  # the name apps show
+FIRST_RUN_FILE=".cache/first_run_shown"   # once this exists, the "pick it in your call app" advice is not repeated
 
 set -u
 cd "$(dirname "$0")" || exit 1
@@ -35,17 +39,19 @@ die() {
 }
 
 usage() {
-    sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 # ---- which script -----------------------------------------------------------------------------------------------
 SCRIPT="ml_denoiser_pipeline.py"
+VERB=""
 case "${1:-}" in
     b) SCRIPT="dsp_filter_pipeline.py"; shift ;;
     list) SCRIPT="list_devices.py"; shift ;;
+    install|uninstall|status|ab) VERB="$1"; shift ;;
     -h|--help|help) usage; exit 0 ;;
     ""|-*) ;;
-    *) die "unknown verb '$1': use nothing (ML pipeline), 'b' (DSP pipeline) or 'list'" ;;
+    *) die "unknown verb '$1': use nothing (ML pipeline), 'b' (DSP pipeline), 'list', 'install', 'uninstall', 'status' or 'ab'" ;;
 esac
 KEEP_DEVICES=0
 ARGS=()
@@ -82,6 +88,18 @@ fi
 if [ "$SCRIPT" = "list_devices.py" ]; then
     exec "$PY" "$SCRIPT" ${ARGS[@]+"${ARGS[@]}"}
 fi
+case "$VERB" in
+    install) exec "$PY" autostart.py install "$PWD/start_pipeline.sh" ${ARGS[@]+"${ARGS[@]}"} ;;
+    uninstall) exec "$PY" autostart.py uninstall ;;
+    status)
+        "$PY" autostart.py status
+        if [ -f "$PID_FILE" ] && read -r launcher child < "$PID_FILE" && kill -0 "$launcher" 2>/dev/null; then
+            echo "running: PID $launcher (pipeline $child)"
+        else
+            echo "not running"
+        fi
+        exit 0 ;;
+esac
 
 # ---- one instance at a time -------------------------------------------------------------------------------------
 cmdline_of() {
@@ -119,6 +137,14 @@ stop_previous() {
     fi
     rm -f "$PID_FILE"
 }
+
+if [ "$VERB" = "ab" ]; then  # SIGUSR1: the pipeline's A/B switch when no terminal is attached to it
+    launcher="" child=""
+    [ -f "$PID_FILE" ] && read -r launcher child < "$PID_FILE"
+    pid_runs "${child:-}" "_pipeline.py" || die "no pipeline is running (start one with ./start_pipeline.sh)"
+    kill -USR1 "$child" && echo "toggled bypass in the running pipeline (PID $child); its status line says which"
+    exit 0
+fi
 
 # ---- Linux virtual microphone -----------------------------------------------------------------------------------
 default_node() {  # default_node Sink|Source -> the server's current default
@@ -162,7 +188,12 @@ create_devices() {
         [ "$(default_node Source)" != "$old_source" ] && has_node sources "$old_source"; then
         pactl set-default-source "$old_source"
     fi
-    echo "virtual microphone: \"$MIC_SOURCE_DESCRIPTION\" ($MIC_SOURCE) <- $CABLE_SINK; pick it in your call app"
+    if [ ! -f "$FIRST_RUN_FILE" ]; then
+        echo "first run: the virtual microphone \"$MIC_SOURCE_DESCRIPTION\" is made. In Zoom, Teams, Meet or" \
+            "Discord pick \"$MIC_SOURCE_DESCRIPTION\" as the microphone and turn the app's own noise" \
+            "suppression off (two suppressors fight and speech comes out choppy)."
+        touch "$FIRST_RUN_FILE"
+    fi
 }
 
 remove_devices() {

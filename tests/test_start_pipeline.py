@@ -25,6 +25,7 @@ import os, signal, sys, time
 name = os.path.basename(sys.argv[0]).split("_")[0]
 stop = []
 signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+signal.signal(signal.SIGUSR1, lambda signum, frame: print("%s got SIGUSR1" % name, flush=True))
 print("%s started pid=%d args=%s" % (name, os.getpid(), " ".join(sys.argv[1:])), flush=True)
 while not stop:
     time.sleep(0.02)
@@ -101,7 +102,8 @@ def test_verbs_pick_the_script(launcher):
     assert listed.returncode == 0 and listed.stdout.strip() == "list args=--extra 1"
     bad = run(launcher, "x")
     assert bad.returncode != 0
-    assert bad.stderr.strip() == "error: unknown verb 'x': use nothing (ML pipeline), 'b' (DSP pipeline) or 'list'"
+    assert bad.stderr.strip() == ("error: unknown verb 'x': use nothing (ML pipeline), 'b' (DSP pipeline), "
+                                  "'list', 'install', 'uninstall', 'status' or 'ab'")
     for args, name in (((), "ml"), (("b",), "dsp"), (("--mic", "USB"), "ml")):
         running = Running(launcher, *args)
         running.wait_for("%s started" % name)
@@ -188,6 +190,8 @@ def test_virtual_microphone_is_made_once_and_removed_on_stop(launcher, sound_ser
 
     kept = Running(launcher, "--keep-devices", env=env)
     kept.wait_for("ml started")
+    assert kept.text().count('pick "Denoised microphone" as the microphone') == 1, kept.text()
+    assert "noise suppression off" in kept.text()
     assert _count(sound_server, "sinks", "denoiser_cable") == 1
     assert _count(sound_server, "sources", "denoised_mic") == 1
     assert _description(sound_server, "denoised_mic") == "Denoised microphone"
@@ -197,6 +201,7 @@ def test_virtual_microphone_is_made_once_and_removed_on_stop(launcher, sound_ser
 
     again = Running(launcher, "b", env=env)  # the devices exist already: nothing is doubled
     again.wait_for("dsp started")
+    assert "first run" not in again.text(), "the advice is given once"
     assert _count(sound_server, "sinks", "denoiser_cable") == 1
     assert _count(sound_server, "sources", "denoised_mic") == 1
     assert again.ctrl_c() == 0
@@ -204,3 +209,14 @@ def test_virtual_microphone_is_made_once_and_removed_on_stop(launcher, sound_ser
     assert _count(sound_server, "sources", "denoised_mic") == 0
     modules = sound_server.pactl("list", "short", "modules")
     assert "denoiser_cable" not in modules and "denoised_mic" not in modules
+
+
+def test_ab_toggles_bypass_in_the_running_pipeline(launcher):
+    missing = run(launcher, "ab")
+    assert missing.returncode == 1 and "no pipeline is running" in missing.stderr
+    running = Running(launcher)
+    running.wait_for("ml started")
+    done = run(launcher, "ab")
+    assert done.returncode == 0 and "toggled bypass" in done.stdout
+    running.wait_for("ml got SIGUSR1")
+    assert running.ctrl_c() == 0
