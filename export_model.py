@@ -4,6 +4,7 @@
     python export_model.py --checkpoint checkpoints/last.pt --output my.onnx
     python export_model.py --int8                           # also denoiser.int8.onnx, with its cost and gain
     python export_model.py --checkpoint a.pt b.pt           # the average of two fine-tunes' weights
+    python export_model.py --checkpoint checkpoints/stream/best.pt --output denoiser_lowlatency.onnx
 
 The graph takes log|STFT| [1, 1, 257, T] with T free (the pipeline feeds 26 frames, 51 with 3200 samples
 of context) and returns the mask; a model trained with --floor-hops takes a second channel, the noise floor
@@ -12,6 +13,10 @@ Before writing, onnxruntime is checked against torch on random and on real input
 stay below PARITY_TOL), and the file gets metadata the pipeline checks on load: sample rate, n_fft, hop,
 window, context (past samples the model expects in front of each window), base channels, a summary of
 the training data, and the dev metrics of the checkpoint.
+A streaming checkpoint (train.py --arch stream) exports one frame's step instead: log|X| [1, 257] and the state
+[1, state_size] in, the mask [1, 257] and the next state out, with metadata kind=stream, its frame geometry, the
+window (sqrt-hann) and the state's size and layout; parity is checked frame by frame against the whole-utterance
+torch pass on real audio.
 """
 import json
 import os
@@ -46,24 +51,36 @@ def load_checkpoint(path):
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
     cfg = ck.get("config", {})
+    if cfg.get("arch") == "stream":
+        net = M.StreamNet(cfg.get("hidden", M.STREAM_HIDDEN))
+        net.load_state_dict(ck["model"])
+        return net.eval(), ck
     net = M.UNet(cfg.get("base_ch", M.BASE_CH), in_ch=ck["model"]["e1.0.weight"].shape[1])
     net.load_state_dict(ck["model"])
     return net.eval(), ck
 
 
 def export(net, path, metadata, opset=OPSET):
-    """Write net to ONNX with a free time axis and string metadata, atomically."""
+    """Write net to ONNX with a free time axis (the U-Net) or as one frame's step (the streaming model) and
+    string metadata, atomically."""
     import onnx
     path = Path(path)
-    dummy = torch.randn(1, net.in_ch, M.N_FFT // 2 + 1, 26)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent if path.parent.exists() else None)
     os.close(fd)
     with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated but exports this plain conv net in 1 s where the dynamo
+        # The TorchScript exporter is deprecated but exports these plain graphs in 1 s where the dynamo
         # exporter takes 17 s for the same graph and the same numbers.
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(net, (dummy,), tmp, input_names=["logmag"], output_names=["mask"], opset_version=opset,
-                          dynamic_axes={"logmag": {3: "frames"}, "mask": {3: "frames"}}, dynamo=False)
+        warnings.simplefilter("ignore", UserWarning)  # nn.GRU's "batch_first with a given h0" notice
+        if isinstance(net, M.StreamNet):
+            dummy = (torch.randn(1, net.bins) - 5, torch.zeros(1, net.state_size))
+            torch.onnx.export(M.StreamStep(net), dummy, tmp, input_names=["logmag", "state"],
+                              output_names=["mask", "state_out"], opset_version=opset, dynamo=False)
+        else:
+            dummy = torch.randn(1, net.in_ch, M.N_FFT // 2 + 1, 26)
+            torch.onnx.export(net, (dummy,), tmp, input_names=["logmag"], output_names=["mask"],
+                              opset_version=opset, dynamic_axes={"logmag": {3: "frames"}, "mask": {3: "frames"}},
+                              dynamo=False)
     proto = onnx.load(tmp)
     for k, v in metadata.items():
         entry = proto.metadata_props.add()
@@ -75,10 +92,17 @@ def export(net, path, metadata, opset=OPSET):
 
 def base_metadata(net, ck=None):
     cfg = (ck or {}).get("config", {})
-    meta = {"sample_rate": M.SAMPLE_RATE, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
-            "window_samp": cfg.get("window_samp", 3200), "context_samp": cfg.get("context_samp", 0),
-            "base_ch": net.base_ch, "log_eps": M.LOG_EPS,
-            "parameters": M.count_parameters(net), "producer": "export_model.py"}
+    if isinstance(net, M.StreamNet):
+        meta = {"kind": "stream", "sample_rate": M.SAMPLE_RATE, "n_fft": M.STREAM_N_FFT,
+                "stft_hop_samp": M.STREAM_HOP_SAMP, "window_samp": M.STREAM_N_FFT, "window": "sqrt-hann",
+                "hidden": net.hidden, "state_size": net.state_size,
+                "state_layout": f"running mean {net.bins} + gru1 {net.hidden} + gru2 {net.hidden}",
+                "log_eps": M.LOG_EPS, "parameters": M.count_parameters(net), "producer": "export_model.py"}
+    else:
+        meta = {"sample_rate": M.SAMPLE_RATE, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
+                "window_samp": cfg.get("window_samp", 3200), "context_samp": cfg.get("context_samp", 0),
+                "base_ch": net.base_ch, "log_eps": M.LOG_EPS,
+                "parameters": M.count_parameters(net), "producer": "export_model.py"}
     if ck:
         meta["training_data"] = cfg.get("data", "unknown")
         meta["epoch"] = ck.get("epoch", 0)
@@ -95,7 +119,7 @@ def base_metadata(net, ck=None):
             meta["averaged_from"] = ck["averaged_from"]
         else:
             meta["dev_metrics"] = {k: round(v, 4) for k, v in ck.get("metrics", {}).items() if isinstance(v, float)}
-    if net.in_ch > 1:  # absent = no floor input (keeps older exports byte-identical)
+    if getattr(net, "in_ch", 1) > 1:  # absent = no floor input (keeps older exports byte-identical)
         meta["floor_hops"] = cfg.get("floor_hops", 0)
         meta["silent_log"] = M.SILENT_LOG
     return meta
@@ -119,9 +143,37 @@ def with_floor(logmag, in_ch):
     return torch.cat([logmag, logmag.amin(-1, keepdim=True).expand_as(logmag)], 1)
 
 
+def stream_parity(net, sess, dev_dir):
+    """Frame by frame through onnxruntime, the state fed back, against the whole-utterance torch pass."""
+    import soundfile as sf
+    files = sorted(Path(dev_dir, "noisy").glob("*.wav")) if dev_dir else []
+    audio = sf.read(files[0], dtype="float32")[0][:4 * M.SAMPLE_RATE] if files else None
+    inputs = [("random", torch.randn(1, 200, net.bins) * 2 - 5)]
+    if audio is not None:
+        inputs.append(("real dev audio", M.stream_log_magnitude(M.stream_frames(torch.from_numpy(audio)[None]))))
+    worst = 0.0
+    for name, logmag in inputs:
+        with torch.no_grad():
+            ref = net(logmag)[0].numpy()
+        state = np.zeros((1, net.state_size), np.float32)
+        got = []
+        for frame in logmag[0].numpy():
+            mask, state = sess.run(None, {"logmag": frame[None], "state": state})
+            got.append(mask[0])
+        diff = float(np.abs(np.stack(got) - ref).max())
+        worst = max(worst, diff)
+        print(f"parity {name}, {len(got)} frames one at a time: max |onnx - torch| = {diff:.2e}")
+    return worst
+
+
 def check_parity(net, path, dev_dir=DEV, tol=PARITY_TOL):
     import onnxruntime as ort
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if isinstance(net, M.StreamNet):
+        worst = stream_parity(net, sess, dev_dir)
+        if worst >= tol:
+            raise SystemExit(f"error: ONNX output differs from torch by {worst:.2e} (tolerance {tol:g}); not trusted")
+        return worst
     c = net.in_ch
     inputs = [("random T=26", torch.randn(1, c, 257, 26) * 3 - 5), ("random T=7", torch.randn(1, c, 257, 7))]
     real = real_logmag(dev_dir)
@@ -182,6 +234,8 @@ def main(argv=None):
     path = export(net, args.output, base_metadata(net, ck), args.opset)
     check_parity(net, path, dev, args.parity_tol)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {M.count_parameters(net) / 1e6:.2f} M parameters)")
+    if args.int8 and isinstance(net, M.StreamNet):
+        raise SystemExit("error: --int8 is for the U-Net (INT8 was slower than float32 on this CPU)")
     if args.int8:
         int8_path = Path(args.output).with_suffix(".int8.onnx")
         int8_report(path, int8_path, dev, args.int8_dev_files)

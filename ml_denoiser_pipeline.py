@@ -5,6 +5,7 @@
     python ml_denoiser_pipeline.py --input noisy.wav --output clean.wav   # file mode, same code path
     python ml_denoiser_pipeline.py --input in_dir/ --output out_dir/     # every audio file in a folder
     python ml_denoiser_pipeline.py --bench                       # time per hop, real-time factor, latency
+    python ml_denoiser_pipeline.py --low-latency                 # the 32 ms streaming model (StreamChain below)
 
 Edit the constants below (or pass the matching flag, e.g. --spectral-floor 0.18) to change how it sounds.
 One hop of audio, top to bottom (MLChain.hop):
@@ -23,10 +24,20 @@ One hop of audio, top to bottom (MLChain.hop):
   -> post-EQ (+5 dB 100 Hz..1 kHz, off by default: see EQ) -> soft gate -> OUTPUT_GAIN -> soft limiter
   -> the cable.
 Algorithmic latency is the model's window (its metadata's window_samp, 200 ms): a window is only complete when
-its last sample has arrived,
-and its first half is finished only once the next window has been added. The noise floor is past audio, so
-it costs compute, never latency. Real-time budget: every hop
-must be processed in well under a hop (half the window, 100 ms); `--bench` prints how far under it is.
+its last sample has arrived, and its first half is finished only once the next window has been added. The noise
+floor is past audio, so it costs compute, never latency. Real-time budget: every hop must be processed in well
+under a hop (half the window, 100 ms); `--bench` prints how far under it is.
+
+With --low-latency (or any model whose metadata says kind=stream) one hop is 16 ms instead (StreamChain.hop):
+  16 ms of microphone samples x INPUT_GAIN slide into a 32 ms frame
+  -> sqrt-Hann window, 512-point FFT: one frame of 257 bins
+  -> denoiser_lowlatency.onnx maps log|X| [1, 257] and its state [1, S] (running mean and GRU memories, handed
+     back each hop) to a mask in [0, 1] and the next state; MASK_POWER and SPECTRAL_FLOOR as above
+  -> mask x noisy spectrum, inverse FFT, sqrt-Hann again, overlap-added with the previous frame's second half
+     (the two windows multiply to a Hann, whose 50 % overlap-add is exactly one)
+  -> post-EQ -> soft gate -> OUTPUT_GAIN -> soft limiter -> the cable.
+Its latency is the 32 ms frame. The model looks at no audio after the frame, so Griffin-Lim (which needs the
+window's later frames) and the pause cut (keyed on a 200 ms window's mask) are the U-Net chain's alone.
 """
 import sys
 import time
@@ -38,6 +49,8 @@ import dsp
 
 # ---- tunables: edit here or pass --flag-name VALUE; [low, high] is the range each may take -------------------
 MODEL = str(Path(__file__).resolve().parent / "denoiser.onnx")  # the ONNX mask model; --model PATH for another
+LOW_LATENCY = False        # --low-latency: run MODEL_LOW_LATENCY (32 ms) instead of MODEL (200 ms, cleaner)
+MODEL_LOW_LATENCY = str(Path(__file__).resolve().parent / "denoiser_lowlatency.onnx")  # the streaming model
 CROSSFADE_POWER = 0.3      # [0.05, 10] crossfade between windows: 1 = Hann, lower = a more even average of the two
                            # windows' estimates (smoother), higher = each window's centre counts more
 SPECTRAL_FLOOR = 0.03      # [0, 1] lowest mask value: 0 = the model's own .. 0.18 gentle; raise if the voice sounds thin
@@ -57,7 +70,7 @@ GATE = True                # soft noise gate on (--no-gate to bypass)
 GATE_FLOOR = 0.0003        # [0, 1] RMS at which the gate is fully closed (-70 dBFS); raise if residual hiss leaks
 GATE_CEIL = 0.004          # [0, 1] RMS at which the gate is fully open (-48 dBFS); lower if soft speech is dimmed
 GATE_HOLD = 8              # [0, 100] hops (100 ms each) the gate stays open after the level drops; keeps consonants
-GATE_RELEASE = 3           # [1, 100] hops to fade from open to closed after the hold; 1 abrupt .. 10 slow
+GATE_RELEASE = 3           # [1, 100] hops (100 ms) to fade from open to closed after the hold; 1 abrupt .. 10 slow
 GATE_DEPTH_DB = 60.0       # [0, 120] attenuation of a fully closed gate; 30 subtle .. 80 near-silent
 GATE_ATTACK_SAMP = 80      # [1, 1600] opening ramp (5 ms): fast enough for plosives, slow enough not to click
 INPUT_GAIN = 0.75          # [0.01, 10] applied before the model; leaves headroom for hot microphones
@@ -68,7 +81,8 @@ ORT_THREADS = 1            # [1, 64] onnxruntime threads; 1 leaves the other cor
 MIC = None                 # input device: index or name substring; None = the system's default input
 CABLE = None               # output device: index or name substring; None = first virtual cable found
 # ------------------------------------------------------------------------------------------------------------
-NOT_FLAGS = {"NOT_FLAGS", "GEOMETRY_DEFAULT", "LOG_EPS_DEFAULT", "SILENT_LOG_DEFAULT"}
+NOT_FLAGS = {"NOT_FLAGS", "GEOMETRY_DEFAULT", "LOG_EPS_DEFAULT", "SILENT_LOG_DEFAULT", "GATE_HOP_SAMP"}
+GATE_HOP_SAMP = 1600       # GATE_HOLD and GATE_RELEASE count hops of this many samples (100 ms), whatever the chain
 # The model's geometry comes from its ONNX metadata (export_model.py writes it); these stand in where a file lacks it.
 GEOMETRY_DEFAULT = {"n_fft": 512, "stft_hop_samp": 128, "window_samp": 3200}  # 32 ms STFT, 8 ms hop, 200 ms window
 LOG_EPS_DEFAULT = 1e-6     # log(|X| + eps) as model.py trains; the model's metadata overrides it
@@ -106,6 +120,12 @@ def load_model(path, cfg):
         raise dsp.AudioError(f"model {path.name} was trained with sample_rate={meta['sample_rate']} but the "
                              f"pipelines run at {dsp.SAMPLE_RATE} Hz; use a {dsp.SAMPLE_RATE // 1000} kHz model")
     geometry = {k: meta_int(meta, k, path, low=1) if k in meta else v for k, v in GEOMETRY_DEFAULT.items()}
+    kind = meta.get("kind", "unet")
+    if kind == "stream":
+        check_stream_model(session, meta, geometry, path)
+        return session, meta, geometry, 0
+    if kind != "unet":
+        raise dsp.AudioError(f"model {path.name} is of kind {kind!r}; this pipeline runs 'unet' and 'stream' models")
     if geometry["window_samp"] % 2 or geometry["window_samp"] < 2 * geometry["stft_hop_samp"]:
         raise dsp.AudioError(f"model {path.name} has window_samp {geometry['window_samp']}: it must be even (the "
                              "50 % overlap-add) and at least two STFT hops")
@@ -124,6 +144,20 @@ def load_model(path, cfg):
     return session, meta, geometry, floor_hops
 
 
+def check_stream_model(session, meta, geometry, path):
+    """A streaming model: inputs logmag [1, F] and state [1, S], outputs mask and state_out, S from metadata."""
+    bins = geometry["n_fft"] // 2 + 1
+    size = meta_int(meta, "state_size", path, low=1)
+    if geometry["window_samp"] != geometry["n_fft"] or geometry["n_fft"] != 2 * geometry["stft_hop_samp"]:
+        raise dsp.AudioError(f"model {path.name}: a streaming model's frame is its FFT and two hops, not "
+                             f"{geometry}")
+    if meta.get("window", "sqrt-hann") != "sqrt-hann":
+        raise dsp.AudioError(f"model {path.name} wants a {meta['window']} window; this pipeline has sqrt-hann")
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    if shapes != {"logmag": [1, bins], "state": [1, size]} or len(session.get_outputs()) != 2:
+        raise dsp.AudioError(f"model {path.name} takes {shapes}, expected logmag [1, {bins}] and state [1, {size}]")
+
+
 def consistent(stft, wave, target, iters):
     """Griffin-Lim rounds: keep the masked magnitude `target`, take the phase of what the inverse STFT
     actually produced. A mask changes bins independently, so the masked spectrum with the noisy phase is not
@@ -139,8 +173,8 @@ class MLChain:
     """The streaming chain. process() takes blocks of any length and returns the same length, delayed by
     exactly latency_samples; live audio and file mode both run it, so they cannot disagree."""
 
-    def __init__(self, cfg, model_only=False):
-        self.session, meta, geometry, floor_hops = load_model(cfg.model, cfg)
+    def __init__(self, cfg, model_only=False, loaded=None):
+        self.session, meta, geometry, floor_hops = loaded or load_model(cfg.model, cfg)
         # The crossfade only sums to one (constant overlap-add) at 50 % overlap: a hop is half the window.
         self.window_samp, n_fft, stft_hop = geometry["window_samp"], geometry["n_fft"], geometry["stft_hop_samp"]
         self.hop_samp = self.frame_samp = self.window_samp // 2
@@ -177,8 +211,7 @@ class MLChain:
         self.window = np.zeros(self.window_samp, np.float32)
         self.ola = np.zeros(self.window_samp, np.float32)
         self.eq = dsp.BandBoost(cfg.eq_gain_db, cfg.eq_low_hz, cfg.eq_high_hz) if cfg.eq and not model_only else None
-        self.gate = (dsp.Gate(cfg.gate_floor, cfg.gate_ceil, cfg.gate_hold, cfg.gate_release, cfg.gate_depth_db,
-                              cfg.gate_attack_samp, self.hop_samp) if cfg.gate and not model_only else None)
+        self.gate = make_gate(cfg, self.hop_samp) if cfg.gate and not model_only else None
         self.framer = dsp.Framer(self.hop_samp, self.hop)
         self.latency_samples = self.window_samp  # one hop of framing + the half window still awaiting overlap
         self.hop_budget_ms = self.hop_samp / dsp.SAMPLE_RATE * 1000
@@ -255,6 +288,89 @@ class MLChain:
                 "hop_budget_ms": self.hop_budget_ms}
 
 
+def make_gate(cfg, hop_samp):
+    """The soft gate, its hold and release (counted in 100 ms hops) turned into this chain's hops."""
+    in_hops = lambda n: max(1, round(n * GATE_HOP_SAMP / hop_samp)) if n else 0
+    return dsp.Gate(cfg.gate_floor, cfg.gate_ceil, in_hops(cfg.gate_hold), in_hops(cfg.gate_release),
+                    cfg.gate_depth_db, cfg.gate_attack_samp, hop_samp)
+
+
+class StreamChain:
+    """The low-latency chain (see the docstring): one 16 ms hop in, one out, the model's state carried between
+    hops. Same contract as MLChain: process() takes any block length, returns it delayed by latency_samples."""
+
+    def __init__(self, cfg, model_only=False, loaded=None):
+        self.session, meta, geometry, _ = loaded or load_model(cfg.model, cfg)
+        n_fft = geometry["n_fft"]
+        self.hop_samp = self.frame_samp = geometry["stft_hop_samp"]
+        self.log_eps = float(meta.get("log_eps", LOG_EPS_DEFAULT))
+        self.state = np.zeros((1, int(meta["state_size"])), np.float32)
+        self.window = np.sqrt(scipy_hann(n_fft)).astype(np.float32)
+        self.frame = np.zeros(n_fft, np.float32)
+        self.ola = np.zeros(n_fft, np.float32)
+        self.cfg, self.model_only = cfg, model_only
+        if not cfg.mask_power > 0:
+            raise dsp.AudioError(f"MASK_POWER must be above 0 (1 = the model's mask), not {cfg.mask_power}")
+        self.floor = 0.0 if model_only else cfg.spectral_floor
+        self.mask_power = 1.0 if model_only else cfg.mask_power
+        self.eq = dsp.BandBoost(cfg.eq_gain_db, cfg.eq_low_hz, cfg.eq_high_hz) if cfg.eq and not model_only else None
+        self.gate = make_gate(cfg, self.hop_samp) if cfg.gate and not model_only else None
+        self.framer = dsp.Framer(self.hop_samp, self.hop)
+        self.latency_samples = n_fft  # one hop of framing + the frame's second half still awaiting overlap
+        self.hop_budget_ms = self.hop_samp / dsp.SAMPLE_RATE * 1000
+        self.startup_ms = cfg.startup_buffer_ms
+        self.hop_ms = 0.0
+        self.nan_warning = {}
+
+    def process(self, block):
+        return self.framer.process(dsp.sanitize(np.asarray(block, np.float32), self.nan_warning))
+
+    def hop(self, new):
+        t0 = time.perf_counter()
+        h = self.hop_samp
+        self.frame[:-h] = self.frame[h:]
+        self.frame[-h:] = new * (1.0 if self.model_only else self.cfg.input_gain)
+        spec = np.fft.rfft(self.frame * self.window)
+        logmag = np.log(np.abs(spec) + self.log_eps).astype(np.float32)[None]
+        mask, self.state = self.session.run(None, {"logmag": logmag, "state": self.state})
+        mask = mask[0]
+        if self.mask_power != 1.0:
+            mask = mask ** np.float32(self.mask_power)
+        mask = np.maximum(mask, self.floor)
+        self.ola += np.fft.irfft(spec * mask, n=len(self.frame)).astype(np.float32) * self.window
+        out = self.ola[:h].copy()
+        self.ola[:-h] = self.ola[h:]
+        self.ola[-h:] = 0.0
+        if not self.model_only:
+            if self.eq:
+                out = self.eq.process(out)
+            if self.gate:
+                out = self.gate.process(out)
+            out = dsp.soft_limit(out * self.cfg.output_gain, self.cfg.limit_knee)
+        self.hop_ms = (time.perf_counter() - t0) * 1000
+        return out
+
+    def status(self):
+        return {"gate_open": self.gate.openness if self.gate else 1.0, "hop_ms": self.hop_ms,
+                "hop_budget_ms": self.hop_budget_ms}
+
+
+def scipy_hann(n):
+    import scipy.signal
+    return scipy.signal.get_window("hann", n, fftbins=True)  # periodic, as model.stream_window
+
+
+def model_path(cfg):
+    return cfg.model_low_latency if cfg.low_latency else cfg.model
+
+
+def make_chain(cfg, model_only=False):
+    """The chain the model asks for: its metadata's kind picks MLChain (U-Net) or StreamChain."""
+    loaded = load_model(model_path(cfg), cfg)
+    chain = StreamChain if loaded[1].get("kind") == "stream" else MLChain
+    return chain(cfg, model_only, loaded)
+
+
 def build_parser():
     tunables = {k: v for k, v in globals().items() if k.isupper() and k not in NOT_FLAGS}
     return dsp.build_parser("Real-time ML noise suppressor (chain described in the docstring).", tunables,
@@ -267,22 +383,23 @@ def default_config(**overrides):
     return dsp.with_overrides(parser.parse_args([]), overrides, parser)
 
 
-def denoise_array(audio, model_path=None, model_only=False):
+def denoise_array(audio, model_path=None, model_only=False, low_latency=False):
     """16 kHz mono float32 in, same length out, aligned (for evaluate.py and tests). model_only=True runs
-    the model's mask alone (no floor, EQ, gate, gains or limiter)."""
-    cfg = default_config(**({"model": model_path} if model_path else {}))
-    return dsp.process_offline(MLChain(cfg, model_only=model_only), np.asarray(audio, np.float32))
+    the model's mask alone (no floor, EQ, gate, gains or limiter); low_latency=True the streaming model."""
+    key = "model_low_latency" if low_latency else "model"
+    cfg = default_config(low_latency=low_latency, **({key: model_path} if model_path else {}))
+    return dsp.process_offline(make_chain(cfg, model_only), np.asarray(audio, np.float32))
 
 
 def latency_ms(cfg=None):
     """The algorithmic latency, ms: the model's window (read from its metadata)."""
     cfg = cfg or default_config()
-    return load_model(cfg.model, cfg)[2]["window_samp"] / dsp.SAMPLE_RATE * 1000
+    return load_model(model_path(cfg), cfg)[2]["window_samp"] / dsp.SAMPLE_RATE * 1000
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return dsp.run(args, lambda: MLChain(args), "hop")
+    return dsp.run(args, lambda: make_chain(args), "hop")
 
 
 if __name__ == "__main__":

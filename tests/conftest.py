@@ -54,6 +54,28 @@ def random_model(random_net, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def stream_net():
+    """A real streaming model from model.py with random weights (hidden 32), its biases moved so the mask
+    varies between 0 and 1 instead of sitting at 0.5."""
+    import torch
+    import model
+    torch.manual_seed(1)
+    net = model.StreamNet(hidden=32).eval()
+    with torch.no_grad():
+        net.out.weight.mul_(8)
+    return net
+
+
+@pytest.fixture(scope="session")
+def stream_model(stream_net, tmp_path_factory):
+    """stream_net exported by export_model.py (one frame's step, the state explicit)."""
+    import export_model
+    path = tmp_path_factory.mktemp("models") / "stream.onnx"
+    export_model.export(stream_net, path, export_model.base_metadata(stream_net))
+    return path
+
+
 def tiny_onnx(path, bins=257, value=1.0, metadata=None):
     """An ONNX graph mapping [1, 1, bins, T] to a constant mask of the same shape (mask forced to `value`: a
     number, or an array that broadcasts against the input, e.g. [1, 1, 1, T] for a mask that varies over frames)."""

@@ -468,3 +468,79 @@ def test_pause_cut_closes_over_pause_release_hops(tmp_path):
     assert slow[first_cut + 3] > -11.5 and np.allclose(slow[first_cut + 5:], -12.0, atol=0.05)
     with pytest.raises(dsp.AudioError, match="PAUSE_RELEASE must be"):
         P.MLChain(P.default_config(model=str(model), pause_release=0))
+
+
+# --- the low-latency streaming model (StreamChain) ---
+
+def stream_config(model, **overrides):
+    return P.default_config(low_latency=True, model_low_latency=str(model), **overrides)
+
+
+def error_db(got, ref):
+    return 10 * np.log10(np.sum((got - ref) ** 2) / np.sum(ref ** 2))
+
+
+def test_stream_chain_is_picked_by_metadata_and_has_32_ms_latency(stream_model):
+    chain = P.make_chain(stream_config(stream_model))
+    assert isinstance(chain, P.StreamChain) and chain.hop_samp == 256 and chain.latency_samples == 512
+    assert P.latency_ms(stream_config(stream_model)) == 32.0
+    assert isinstance(P.make_chain(P.default_config(model=str(stream_model))), P.StreamChain)
+
+
+@pytest.mark.parametrize("block", [1, 37, 255, 256, 257, 1000, 4096, "fuzz"])
+def test_stream_frames_one_at_a_time_equal_the_whole_utterance_in_torch(stream_model, stream_net, block):
+    """ONNX Runtime fed any host block size, the state handed back every hop, against one model.py pass over
+    the whole utterance: at most -60 dB of error."""
+    torch = pytest.importorskip("torch")
+    import model as M
+    x = speechlike(2.0, seed=7) + 0.01 * np.random.default_rng(8).standard_normal(32000).astype(np.float32)
+    with torch.no_grad():
+        ref = M.enhance_stream(stream_net, torch.from_numpy(x)[None])[0][0].numpy()
+    chain = P.make_chain(stream_config(stream_model), model_only=True)
+    rng = np.random.default_rng(9)
+    padded = np.concatenate([x, np.zeros(chain.latency_samples, np.float32)])
+    sizes = rng.integers(1, 3000, 200) if block == "fuzz" else [block] * (len(padded) // block + 1)
+    out, i = [], 0
+    for n in sizes:
+        if i >= len(padded):
+            break
+        out.append(chain.process(padded[i:i + n]))
+        i += n
+    got = np.concatenate(out)[chain.latency_samples:][:len(ref)]
+    assert len(got) == len(ref)
+    assert error_db(got, ref) <= -60
+    assert np.std(got - x[:len(ref)]) > 1e-3, "the random model must change the audio, or the test proves nothing"
+
+
+def test_stream_chain_with_unit_mask_passes_audio_through():
+    """A model that always answers 1 (made by export_model from a zeroed StreamNet with a large bias)."""
+    torch = pytest.importorskip("torch")
+    import export_model
+    import model as M
+    import tempfile
+    from pathlib import Path
+    net = M.StreamNet(hidden=16).eval()
+    with torch.no_grad():
+        net.out.weight.zero_()
+        net.out.bias.fill_(30.0)
+    path = Path(tempfile.mkdtemp()) / "ones_stream.onnx"
+    export_model.export(net, path, export_model.base_metadata(net))
+    x = speechlike(1.0, dbfs=-20)
+    y = P.denoise_array(x, str(path), model_only=True, low_latency=True)
+    assert error_db(y[:-512], x[:-512]) < -60
+
+
+def test_low_latency_without_its_model_is_one_clear_line(tmp_path):
+    sf.write(tmp_path / "a.wav", speechlike(0.5), 16000)
+    done = run_script("ml_denoiser_pipeline.py", "--low-latency", "--model-low-latency",
+                      str(tmp_path / "none.onnx"), "--input", str(tmp_path / "a.wav"), "--output",
+                      str(tmp_path / "b.wav"))
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: model not found") and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_bench_low_latency_prints_rtf_and_latency(stream_model):
+    done = run_script("ml_denoiser_pipeline.py", "--bench", "--low-latency", "--model-low-latency",
+                      str(stream_model))
+    assert done.returncode == 0, done.stderr
+    assert "real-time factor:" in done.stdout and "algorithmic latency: 32 ms (512 samples)" in done.stdout
