@@ -110,6 +110,20 @@ def setup_ml_model(args) -> Method:
                             lambda x: ml.denoise_array(x, model_path=args.model, model_only=True), ml.latency_ms())
 
 
+def setup_fast(args) -> Method:
+    ml = _import_pipeline("ml_denoiser_pipeline")
+    cfg = ml.default_config(low_latency=True)
+    return _pipeline_method("fast", "ML pipeline --low-latency (full chain)",
+                            lambda x: ml.denoise_array(x, low_latency=True), ml.latency_ms(cfg))
+
+
+def setup_fast_model(args) -> Method:
+    ml = _import_pipeline("ml_denoiser_pipeline")
+    cfg = ml.default_config(low_latency=True)
+    return _pipeline_method("fast-model", "low-latency model only",
+                            lambda x: ml.denoise_array(x, model_only=True, low_latency=True), ml.latency_ms(cfg))
+
+
 def setup_dsp(args) -> Method:
     dsp_pipe = _import_pipeline("dsp_filter_pipeline")
     return _pipeline_method("dsp", "DSP pipeline", dsp_pipe.denoise_array, dsp_pipe.latency_ms())
@@ -130,7 +144,7 @@ def setup_ml_variant(args, name, flags):
     ml = _import_pipeline("ml_denoiser_pipeline")
     import dsp
     cfg = ml_variant_config(name, flags, args.model)
-    return _pipeline_method(name, f"ML pipeline `{flags}`", lambda x: dsp.process_offline(ml.MLChain(cfg), x),
+    return _pipeline_method(name, f"ML pipeline `{flags}`", lambda x: dsp.process_offline(ml.make_chain(cfg), x),
                             ml.latency_ms(cfg))
 
 
@@ -138,6 +152,8 @@ BUILTIN_METHODS = {  # name -> setup function; the order here is the table's ord
     "noisy": setup_noisy,
     "ml": setup_ml,
     "ml-model": setup_ml_model,
+    "fast": setup_fast,
+    "fast-model": setup_fast_model,
     "dsp": setup_dsp,
     **peers.PEERS,
 }

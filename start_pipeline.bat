@@ -2,6 +2,7 @@
 rem Starts the live noise suppressor on Windows: microphone -> pipeline -> VB-Audio Virtual Cable.
 rem
 rem   start_pipeline.bat               the ML pipeline (ml_denoiser_pipeline.py); double-clicking does this
+rem   start_pipeline.bat fast          the ML pipeline with the 32 ms low-latency model (--low-latency)
 rem   start_pipeline.bat b             the lightweight DSP pipeline (dsp_filter_pipeline.py)
 rem   start_pipeline.bat list          list the sound devices (list_devices.py)
 rem   start_pipeline.bat b --mic USB   any other flag goes to the pipeline (see its --help)
@@ -32,9 +33,10 @@ echo %cmdcmdline% | findstr /i /c:"%~nx0" >nul && set "DOUBLE_CLICKED=1"
 rem ---- which script --------------------------------------------------------------------------------------------
 set "SCRIPT=ml_denoiser_pipeline.py"
 set "FIRST=%~1"
+set "VERB="
 if /i "%FIRST%"=="b" goto verb_b
 if /i "%FIRST%"=="list" goto verb_list
-set "VERB="
+if /i "%FIRST%"=="fast" goto verb_fast
 if /i "%FIRST%"=="install" set "VERB=install"
 if /i "%FIRST%"=="uninstall" set "VERB=uninstall"
 if /i "%FIRST%"=="status" set "VERB=status"
@@ -44,7 +46,7 @@ if defined VERB (
 )
 if "%FIRST%"=="" goto verb_done
 if "%FIRST:~0,1%"=="-" goto verb_done
-set "MSG=unknown verb '%FIRST%': use nothing (ML pipeline), 'b' (DSP pipeline), 'list', 'install', 'uninstall' or 'status'"
+set "MSG=unknown verb '%FIRST%': use nothing (ML pipeline), 'fast' (low latency), 'b' (DSP pipeline), 'list', 'install', 'uninstall' or 'status'"
 goto fail
 :verb_b
 set "SCRIPT=dsp_filter_pipeline.py"
@@ -55,6 +57,10 @@ set "SCRIPT=list_devices.py"
 shift
 :verb_done
 set "ARGS="
+goto collect
+:verb_fast
+shift
+set "ARGS= --low-latency"
 :collect
 if "%~1"=="" goto collected
 set ARGS=%ARGS% %1

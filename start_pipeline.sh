@@ -2,6 +2,7 @@
 # Starts the live noise suppressor on Linux and macOS: microphone -> pipeline -> virtual cable.
 #
 #   ./start_pipeline.sh                  # the ML pipeline (ml_denoiser_pipeline.py)
+#   ./start_pipeline.sh fast             # the ML pipeline with the 32 ms low-latency model (--low-latency)
 #   ./start_pipeline.sh b                # the lightweight DSP pipeline (dsp_filter_pipeline.py)
 #   ./start_pipeline.sh list             # list the sound devices (list_devices.py)
 #   ./start_pipeline.sh b --mic USB      # any other flag goes to the pipeline (see its --help)
@@ -39,7 +40,7 @@ die() {
 }
 
 usage() {
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 # ---- which script -----------------------------------------------------------------------------------------------
@@ -47,11 +48,12 @@ SCRIPT="ml_denoiser_pipeline.py"
 VERB=""
 case "${1:-}" in
     b) SCRIPT="dsp_filter_pipeline.py"; shift ;;
+    fast) shift; set -- --low-latency "$@" ;;
     list) SCRIPT="list_devices.py"; shift ;;
     install|uninstall|status|ab) VERB="$1"; shift ;;
     -h|--help|help) usage; exit 0 ;;
     ""|-*) ;;
-    *) die "unknown verb '$1': use nothing (ML pipeline), 'b' (DSP pipeline), 'list', 'install', 'uninstall', 'status' or 'ab'" ;;
+    *) die "unknown verb '$1': use nothing (ML pipeline), 'fast' (low latency), 'b' (DSP pipeline), 'list', 'install', 'uninstall', 'status' or 'ab'" ;;
 esac
 KEEP_DEVICES=0
 ARGS=()

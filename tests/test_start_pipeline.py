@@ -102,9 +102,10 @@ def test_verbs_pick_the_script(launcher):
     assert listed.returncode == 0 and listed.stdout.strip() == "list args=--extra 1"
     bad = run(launcher, "x")
     assert bad.returncode != 0
-    assert bad.stderr.strip() == ("error: unknown verb 'x': use nothing (ML pipeline), 'b' (DSP pipeline), "
+    assert bad.stderr.strip() == ("error: unknown verb 'x': use nothing (ML pipeline), 'fast' (low latency), "
+                                  "'b' (DSP pipeline), "
                                   "'list', 'install', 'uninstall', 'status' or 'ab'")
-    for args, name in (((), "ml"), (("b",), "dsp"), (("--mic", "USB"), "ml")):
+    for args, name in (((), "ml"), (("b",), "dsp"), (("--mic", "USB"), "ml"), (("fast", "--mic", "USB"), "ml")):
         running = Running(launcher, *args)
         running.wait_for("%s started" % name)
         assert running.ctrl_c() == 0
@@ -112,6 +113,8 @@ def test_verbs_pick_the_script(launcher):
         assert "%s stopped by signal %d" % (name, signal.SIGTERM) in text
         if args and args[0] == "--mic":
             assert "args=--mic USB" in text
+        if args and args[0] == "fast":
+            assert "args=--low-latency --mic USB" in text
     assert not (launcher / ".cache" / "pipeline.pid").exists(), "the PID file goes when the instance stops"
 
 
