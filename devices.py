@@ -426,3 +426,84 @@ def extra_settings(sd, index):
         except TypeError:  # sounddevice older than 0.4.7
             return None
     return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Linux: is any application recording from the cable?
+# --------------------------------------------------------------------------------------------------------------
+def server_sink_of(cable_index):
+    """The sound server's sink name behind a PortAudio output device, or None off Linux or for a plain ALSA one."""
+    if _platform() != "linux":
+        return None
+    name = sounddevice_module().query_devices(cable_index)["name"]
+    return _ALSA_NAMES.get(name, (None, ""))[0]
+
+
+def recorders(sink, text_sources, text_outputs, extra=(LINUX_CABLE_SOURCE,)):
+    """Applications recording from sink's monitor or a source remapped from it (extra, by name), from the
+    `pactl list short sources` and `pactl list short source-outputs` texts. A remap's own capture has no client
+    ("-"): it runs whether or not anyone listens, so it does not count."""
+    watched = set()
+    for line in text_sources.splitlines():
+        cols = line.split("\t")
+        if len(cols) > 1 and (cols[1] == sink + ".monitor" or cols[1] in extra):
+            watched.add(cols[0])
+    count = 0
+    for line in text_outputs.splitlines():
+        cols = line.split("\t")
+        if len(cols) > 2 and cols[1] in watched and cols[2] != "-":
+            count += 1
+    return count
+
+
+class ListenerWatch:
+    """Follows whether any application records from the cable, for the pipelines' idle mode. `pactl subscribe`
+    reports every stream that comes or goes the moment it does, so nothing is polled: while no app listens, the
+    process sleeps. listening is True until the first check says otherwise; changed is set on every change."""
+
+    def __init__(self, sink):
+        import threading
+        self.sink, self.listening, self.changed = sink, True, threading.Event()
+        self._proc = None
+        self._thread = threading.Thread(target=self._follow, name="denoiser-listeners", daemon=True)
+
+    @classmethod
+    def start(cls, cable_index):
+        """A running watch for the cable, or None where there is nothing to watch (not Linux, not a server sink,
+        no pactl)."""
+        sink = server_sink_of(cable_index)
+        if sink is None or _pactl("info") is None:
+            return None
+        watch = cls(sink)
+        try:
+            watch._proc = subprocess.Popen(["pactl", "subscribe"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                           text=True, env=dict(os.environ, LC_ALL="C"))
+        except OSError:
+            return None
+        watch.check()
+        watch._thread.start()
+        return watch
+
+    def check(self):
+        sources, outputs = _pactl("list", "short", "sources"), _pactl("list", "short", "source-outputs")
+        if sources is None or outputs is None:
+            return  # the server is busy or restarting: keep the last answer
+        listening = recorders(self.sink, sources, outputs) > 0
+        if listening != self.listening:
+            self.listening = listening
+            self.changed.set()
+
+    def _follow(self):
+        for line in self._proc.stdout:
+            if "source-output" in line:
+                self.check()
+        self.listening = True  # pactl ended (server gone): never leave the pipeline idle on a stale answer
+        self.changed.set()
+
+    def stop(self):
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(2)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()

@@ -13,6 +13,12 @@ After that it never moves: when the chain is late and the output runs dry, the o
 "underrun", counted) and, when audio returns, skips what the silence stood in for and fades back in; when a
 buffer backs up beyond its limit the oldest audio is dropped (a "realign", counted).
 
+Idle (IDLE, Linux): while no application records from the cable (its monitor, or "Denoised microphone"), the
+devices are closed and the model is not run; the cable then carries silence, the microphone is free and the process
+sleeps. `pactl subscribe` says the moment an app opens it, and the devices reopen. Bypass (A/B): Enter in the
+terminal, or SIGUSR1 where none is attached (`./start_pipeline.sh ab`), switches the output to the raw microphone
+at the same delay and level, crossfaded over BYPASS_FADE_MS; the chain keeps running, so switching back is instant.
+
 Devices (lookup, listing, the Linux sound server's virtual devices) are devices.py's.
 
 Edit the constants below to tune; the flags of the same name override them.
@@ -25,8 +31,9 @@ import time
 
 import numpy as np
 
-from devices import (DeviceError, channels_key, check_not_own_output, device_identity, extra_settings, find_again,
-                     parse_device_spec, print_devices, rescan_devices, resolve, settings_ok, sounddevice_module)
+from devices import (DeviceError, ListenerWatch, channels_key, check_not_own_output, device_identity,
+                     extra_settings, find_again, parse_device_spec, print_devices, rescan_devices, resolve,
+                     settings_ok, sounddevice_module)
 from dsp import SAMPLE_RATE  # the chains' rate; devices that refuse it are resampled to and from it
 
 # ---- tunables: each a flag of both pipelines (--block-ms ...); [low, high] is the range each may take ---------
@@ -51,10 +58,14 @@ RETRY_INTERVAL_S = 1.0     # [0.05, 60] how often a lost device is looked for ag
 DEVICE_STALL_S = 1.5       # [0.1, 60] a device whose callbacks stop this long, s, is treated as lost (sleep, unplug)
 RESAMPLE_QUALITY = "LQ"    # soxr quality when a device refuses 16 kHz: QQ, LQ (least delay), MQ, HQ, VHQ (more delay)
 SETTLE_S = 0.5             # seconds of start-up not counted in settled_* (a chain's startup_ms wins; --settle-s)
+IDLE = True                # Linux: close the devices and skip the model while no app records from the cable
+BYPASS = False             # start in bypass: the raw microphone at the same delay and level (Enter/SIGUSR1 toggle)
+BYPASS_FADE_MS = 10.0      # [0.5, 500] crossfade between denoised and raw audio on a toggle; shorter = may click
 # ------------------------------------------------------------------------------------------------------------
 LIVE_FLAGS = ["BLOCK_MS", "DEVICE_LATENCY", "OUT_TARGET_MS", "CUSHION_MARGIN", "OUT_TARGET_MAX_MS", "WARMUP_S",
               "FADE_MS", "SETTLE_DELAY_S", "REANCHOR_MS", "OUT_REALIGN_MS", "IN_REALIGN_MS", "BUFFER_CAP_MS",
-              "STATUS_INTERVAL_S", "WARN_INTERVAL_S", "RETRY_INTERVAL_S", "DEVICE_STALL_S", "RESAMPLE_QUALITY"]
+              "STATUS_INTERVAL_S", "WARN_INTERVAL_S", "RETRY_INTERVAL_S", "DEVICE_STALL_S", "RESAMPLE_QUALITY",
+              "IDLE", "BYPASS", "BYPASS_FADE_MS"]
 
 STATS_PREFIX = "stats:"  # the final summary line starts with this (tests and scripts parse it)
 READY_LINE = "live: running, Ctrl+C stops"  # printed once audio is flowing
@@ -104,6 +115,34 @@ class RingBuffer:
         self.read += max(0, min(n, self.written - self.read))
 
 
+class Bypass:
+    """The A/B switch: the chain's output, or the raw input delayed by exactly the chain's latency, crossfaded."""
+
+    def __init__(self, delay_samples, fade_ms=BYPASS_FADE_MS, on=False):
+        self.line = np.zeros(delay_samples, np.float32)
+        self.on = on
+        self.mix = 1.0 if on else 0.0  # 0 = denoised, 1 = raw
+        self.step = 1000.0 / (fade_ms * SAMPLE_RATE)
+
+    def toggle(self):
+        self.on = not self.on
+        return self.on
+
+    def reset(self):
+        self.line[:] = 0.0
+
+    def process(self, x, y):
+        buf = np.concatenate([self.line, x])
+        raw, self.line = buf[:len(x)], buf[len(x):]
+        target = 1.0 if self.on else 0.0
+        if self.mix == target:
+            return raw if self.on else y
+        ramp = self.mix + np.sign(target - self.mix) * self.step * np.arange(1, len(x) + 1, dtype=np.float32)
+        ramp = np.clip(ramp, 0.0, 1.0).astype(np.float32)
+        self.mix = float(ramp[-1]) if len(ramp) else self.mix
+        return y * (1.0 - ramp) + raw * ramp
+
+
 def _db(power):
     return 10.0 * math.log10(power) if power > 1e-12 else -120.0
 
@@ -117,8 +156,10 @@ class LiveEngine:
     def __init__(self, chain, block_ms=BLOCK_MS, out_target_ms=OUT_TARGET_MS, out_realign_ms=OUT_REALIGN_MS,
                  in_realign_ms=IN_REALIGN_MS, buffer_cap_ms=BUFFER_CAP_MS, device_latency=DEVICE_LATENCY,
                  resample_quality=RESAMPLE_QUALITY, settle_delay_s=SETTLE_DELAY_S, fade_ms=FADE_MS,
-                 out_target_max_ms=OUT_TARGET_MAX_MS, reanchor_ms=REANCHOR_MS):
+                 out_target_max_ms=OUT_TARGET_MAX_MS, reanchor_ms=REANCHOR_MS, bypass=BYPASS,
+                 bypass_fade_ms=BYPASS_FADE_MS):
         self.chain = chain
+        self.bypass = Bypass(chain.latency_samples, bypass_fade_ms, bypass)
         self.reanchor_ms = reanchor_ms
         self.settle_delay_s, self.fade_ms, self.out_target_max_ms = settle_delay_s, fade_ms, out_target_max_ms
         self.block_ms = block_ms
@@ -334,7 +375,7 @@ class LiveEngine:
                 if len(x) == 0:
                     continue
             started = time.perf_counter()
-            y = np.asarray(self.chain.process(x), dtype=np.float32)
+            y = self.bypass.process(x, np.asarray(self.chain.process(x), dtype=np.float32))
             took = time.perf_counter() - started
             self._proc_time[0] += took
             self._proc_time[1] += len(x) / SAMPLE_RATE
@@ -421,7 +462,7 @@ class LiveEngine:
 
 
 def format_status(engine, chain_status, levels):
-    """One status line: levels, gate, processing time per hop against its budget, buffer depths, counters."""
+    """One status line: mode, levels, gate, processing time per hop against its budget, buffer depths, counters."""
     in_db, out_db, load = levels
     in_ms, out_ms = engine.buffer_ms()
     c = engine.counts
@@ -429,8 +470,10 @@ def format_status(engine, chain_status, levels):
     hop_text = ("hop %.1f/%.0fms" % (hop, budget)) if hop is not None and budget else "load %.0f%%" % (100 * load)
     gate = chain_status.get("gate_open")
     gate_text = ("gate %3.0f%%" % (100.0 * gate)) if gate is not None else "gate -"
-    return ("in %5.1f out %5.1f dBFS %s %s buf %.0f+%.0fms over %d under %d realign %d"
-            % (max(in_db, -99.9), max(out_db, -99.9), gate_text, hop_text, in_ms, out_ms, c["overruns"], c["underruns"], c["realigns"]))
+    mode = "BYPASS (raw mic)" if engine.bypass.on else "denoising"
+    return ("%s in %5.1f out %5.1f dBFS %s %s buf %.0f+%.0fms over %d under %d realign %d"
+            % (mode, max(in_db, -99.9), max(out_db, -99.9), gate_text, hop_text, in_ms, out_ms, c["overruns"],
+               c["underruns"], c["realigns"]))
 
 
 def parse_stats(text):
@@ -570,10 +613,13 @@ def run_live(chain, args):
                         buffer_cap_ms=opts["buffer_cap_ms"], device_latency=opts["device_latency"],
                         resample_quality=opts["resample_quality"], settle_delay_s=opts["settle_delay_s"],
                         fade_ms=opts["fade_ms"], out_target_max_ms=opts["out_target_max_ms"],
-                        reanchor_ms=opts["reanchor_ms"])
+                        reanchor_ms=opts["reanchor_ms"], bypass=opts["bypass"],
+                        bypass_fade_ms=opts["bypass_fade_ms"])
     session = _Session(chain, args, out, err, opts["warn_interval_s"])
     engine.warm_up(opts["warmup_s"], opts["cushion_margin"])
     old_handlers = _install_stop_signals()
+    toggles = _install_bypass_toggles(engine)
+    watch = None
     started = None
     settled_base = None
     code = 0
@@ -585,6 +631,8 @@ def run_live(chain, args):
         except Exception as exc:
             raise DeviceError("could not open the devices: %s" % exc)
         _announce(engine, session, identities, mic_index, cable_index)
+        watch = ListenerWatch.start(cable_index) if opts["idle"] else None
+        idle = False
         # The pipelines say how long their start-up takes to settle (STARTUP_BUFFER_MS); SETTLE_S otherwise.
         settle_s = opts["settle_s"]
         if settle_s is None:
@@ -594,8 +642,25 @@ def run_live(chain, args):
         calls, last_call = [engine.in_calls, engine.out_calls], [started, started]
         slow_hops = 0
         while True:
-            time.sleep(0.05)
+            if idle:  # asleep until pactl reports a stream, a toggle or the next status line
+                watch.changed.wait(opts["status_interval_s"])
+            else:
+                time.sleep(0.05)
             now = time.monotonic()
+            while toggles:
+                toggles.pop()
+                session.say("bypass %s" % ("on: the raw microphone, same delay (Enter or SIGUSR1: back to denoising)"
+                                           if engine.bypass.on else "off: denoising"))
+            if watch is not None and watch.listening == idle:
+                watch.changed.clear()
+                idle = _set_idle(engine, session, not watch.listening, mic_index, cable_index)
+                now = time.monotonic()
+                calls, last_call = [engine.in_calls, engine.out_calls], [now, now]
+            if idle:
+                if now >= next_status:
+                    next_status = now + opts["status_interval_s"]
+                    session.status("idle (no app listening): microphone closed, model not running")
+                continue
             if engine.error is not None:
                 raise DeviceError("processing failed: %s: %s" % (type(engine.error).__name__, engine.error))
             if settled_base is None and now - started >= settle_s:
@@ -622,6 +687,8 @@ def run_live(chain, args):
         code = 1
     finally:
         _ignore_stop_signals()
+        if watch is not None:
+            watch.stop()
         engine.close_streams()
         _restore_signals(old_handlers)
         seconds = time.monotonic() - started if started is not None else 0.0
@@ -630,6 +697,44 @@ def run_live(chain, args):
             STATS_PREFIX, seconds, " ".join("%s=%d" % kv for kv in engine.counts.items()),
             " ".join("settled_%s=%d" % kv for kv in settled.items())))
     return code
+
+
+def _set_idle(engine, session, idle, mic_index, cable_index):
+    """Close the devices while no app listens; reopen them when one does, the chain first flushed with silence so
+    no stale audio from before the pause reaches the new listener. Returns the new idle state."""
+    if idle:
+        engine.close_streams()
+        session.say("idle: no app is recording from the cable; microphone closed, model paused")
+        return True
+    chain = engine.chain
+    chain.process(np.zeros(chain.latency_samples + getattr(chain, "frame_samp", 0), np.float32))
+    engine.bypass.reset()
+    engine.open_streams(mic_index, cable_index)
+    session.say("an app is recording from the cable: %s" % ("bypass (raw mic)" if engine.bypass.on else "denoising"))
+    return False
+
+
+def _install_bypass_toggles(engine):
+    """Enter in a terminal and SIGUSR1 (no terminal: ./start_pipeline.sh ab) toggle bypass. Returns a list the
+    main loop empties, one entry per toggle, to say so."""
+    toggles = []
+
+    def toggle(*_):
+        engine.bypass.toggle()
+        toggles.append(1)
+
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGUSR1"):
+        try:
+            signal.signal(signal.SIGUSR1, toggle)
+        except (OSError, ValueError):
+            pass
+    stdin = sys.stdin
+    if stdin is not None and hasattr(stdin, "isatty") and stdin.isatty():
+        def read_keys():
+            for _ in stdin:  # one line per Enter
+                toggle()
+        threading.Thread(target=read_keys, name="denoiser-keys", daemon=True).start()
+    return toggles
 
 
 def _announce(engine, session, identities, mic_index, cable_index):
@@ -641,6 +746,8 @@ def _announce(engine, session, identities, mic_index, cable_index):
     session.say("output cushion: %.0f ms (covers the chain's slowest warm-up call x margin, %.0f ms); the delay is "
                 "fixed %g s after the audio starts, and a late hop then becomes a faded dropout, not more delay"
                 % (engine.cushion_ms, engine.chain_burst_ms, engine.settle_delay_s))
+    session.say("A/B: press Enter (or send SIGUSR1) to hear the raw microphone at the same delay, and again to go "
+                "back")
     session.say(READY_LINE)
 
 

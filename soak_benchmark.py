@@ -97,7 +97,7 @@ def run(args):
         env = dict(server.env, PYTHONUNBUFFERED="1")
         script = REPO / PIPELINES[args.pipeline]
         pipeline = subprocess.Popen([sys.executable, str(script), "--mic", FAKE_MIC, "--cable", CABLE_SINK,
-                                     "--quiet", *args.extra], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                     "--quiet", "--no-idle", *args.extra], env=env, cwd=REPO, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True,
                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         procs.append(pipeline)

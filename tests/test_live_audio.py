@@ -497,7 +497,7 @@ def test_live_pipeline_matches_file_mode(script, sound_server, fake_mic, cable, 
     module = importlib.import_module(script[:-3])
     # The shipped denoiser.onnx: a random-weight model masks almost uniformly, and then the cable would
     # correlate with the raw microphone as well as with file mode, and prove nothing.
-    live = _live(sound_server, [REPO / script, "--mic", FAKE_MIC, "--quiet"])
+    live = _live(sound_server, [REPO / script, "--mic", FAKE_MIC, "--quiet", "--no-idle"])  # the probe is no app
     live.wait_for(live_audio.READY_LINE)
     player = sound_server.play(str(speech_wav), FAKE_MIC_SINK)
     assert player.wait(30) == 0, player.stderr.read()
@@ -563,7 +563,7 @@ def test_recovers_when_the_microphone_vanishes_and_returns(sound_server, fake_mi
     import soundfile as sf
     noise = tmp_path / "noise.wav"
     sf.write(noise, (0.1 * rng.standard_normal(7 * RATE)).astype(np.float32), RATE)
-    live = _live(sound_server, [script, "--mic", FAKE_MIC, "--quiet", "--retry-interval-s", "0.5"])
+    live = _live(sound_server, [script, "--mic", FAKE_MIC, "--quiet", "--retry-interval-s", "0.5", "--no-idle"])
     live.wait_for(live_audio.READY_LINE)
     player = sound_server.play(str(noise), FAKE_MIC_SINK)
     time.sleep(1.0)
@@ -600,7 +600,8 @@ def test_device_that_refuses_16k_is_opened_at_its_rate_and_resampled(sound_serve
                     'rate 44100 } }\n' % FAKE_MIC)
     script = tmp_path / "standin.py"
     script.write_text(STANDIN)
-    live = _live(sound_server, [script, "--mic", "mic48k", "--cable", "cable44k", "--status-interval-s", "0.5"],
+    live = _live(sound_server, [script, "--mic", "mic48k", "--cable", "cable44k", "--status-interval-s", "0.5",
+                                "--no-idle"],
                  {"ALSA_CONFIG_PATH": "/usr/share/alsa/alsa.conf:%s" % conf})
     live.wait_for(live_audio.READY_LINE)
     out_so_far = "".join(live.out)
@@ -614,9 +615,9 @@ def test_device_that_refuses_16k_is_opened_at_its_rate_and_resampled(sound_serve
     assert code == 0, err
     stats = live_audio.parse_stats(out)
     assert stats["settled_overruns"] == 0 and stats["settled_underruns"] == 0, out
-    status = [line for line in out.splitlines() if line.startswith("in ")]
+    status = [line for line in out.splitlines() if line.startswith("denoising in ")]
     assert len(status) >= 6, "a status line about twice a second:\n" + out
-    assert re.match(r"in +-?\d+\.\d out +-?\d+\.\d dBFS gate 100% hop 0\.1/10ms buf \d+\+\d+ms "
+    assert re.match(r"denoising in +-?\d+\.\d out +-?\d+\.\d dBFS gate 100% hop 0\.1/10ms buf \d+\+\d+ms "
                     r"over \d+ under \d+ realign \d+$", status[-1]), status[-1]
     # Two resamplers (PipeWire's and soxr's) blur the top octave: compare below 6 kHz.
     from scipy.signal import butter, sosfiltfilt
@@ -677,3 +678,127 @@ def test_lookup_by_index_and_name_on_real_devices(sound_server, fake_mic, cable,
     assert proc.returncode == 0, proc.stderr
     assert "microphone: %d fake_mic (Fake microphone)" % index in proc.stdout
     assert "cable: " in proc.stdout and "denoiser_cable (Denoiser cable)" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Idle while no app listens, A/B bypass at the same delay
+# ---------------------------------------------------------------------------------------------------------------
+def _cpu_s(pid):
+    """User + system CPU seconds of a process, all its threads."""
+    import os
+    fields = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_per_s(pid, seconds=4.0):
+    start = _cpu_s(pid)
+    time.sleep(seconds)
+    return (_cpu_s(pid) - start) / seconds
+
+
+def _steady_voice(path, seconds):
+    """A continuous voiced sound (harmonics of a gliding pitch, no pauses): any stretch of the cable is audio."""
+    import soundfile as sf
+    t = np.arange(int(seconds * RATE)) / RATE
+    phase = 2 * np.pi * np.cumsum(150 + 20 * np.sin(2 * np.pi * 0.5 * t)) / RATE
+    sf.write(path, (0.08 * sum(np.sin(k * phase) / k for k in range(1, 16))).astype(np.float32), RATE)
+
+
+def _wait_for_line(live, needle, after=0, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if needle in "".join(live.out)[after:]:
+            return
+        time.sleep(0.01)
+    raise AssertionError("no %r:\n%s" % (needle, "".join(live.out)))
+
+
+@pytest.mark.parametrize("script", ["ml_denoiser_pipeline.py", "dsp_filter_pipeline.py"])
+def test_idle_while_no_app_records_and_back_within_200_ms(script, sound_server, fake_mic, cable, tmp_path):
+    """No recorder on the virtual microphone: the devices close and CPU falls under a tenth of what one recorder
+    costs; when a recorder attaches, its recording carries audio within 200 ms plus the pipeline's latency."""
+    source = tmp_path / "voice.wav"
+    _steady_voice(source, 40.0)
+    live = _live(sound_server, [REPO / script, "--mic", FAKE_MIC, "--status-interval-s", "0.5"])
+    live.wait_for(live_audio.READY_LINE)
+    player = sound_server.play(str(source), FAKE_MIC_SINK)
+    try:
+        _wait_for_line(live, "idle: no app is recording from the cable")
+        latency_ms = float(re.search(r"latency: ([\d.]+) ms total", "".join(live.out)).group(1))
+        idle_cpu = _cpu_per_s(live.proc.pid)
+        assert "idle (no app listening)" in "".join(live.out)
+        mark = len("".join(live.out))
+        recorder = sound_server.record("denoised_mic", str(tmp_path / "app.raw"))
+        _wait_for_line(live, "an app is recording from the cable: denoising", after=mark)
+        time.sleep(1.0)  # past the first second, where the devices reopen
+        active_cpu = _cpu_per_s(live.proc.pid)
+        recording = SoundServer.stop_recording(recorder)
+        _wait_for_line(live, "idle: no app is recording", after=mark)
+    finally:
+        player.terminate()
+        player.wait(5)
+        code, out, err = live.stop()
+    assert code == 0, err
+    first = np.flatnonzero(np.abs(recording[:, 0]) > 1e-3)
+    assert len(first), "the recorder got nothing"
+    back_ms = 1000.0 * first[0] / RATE - latency_ms
+    print("%s: CPU idle %.4f s/s, active %.4f s/s; audio %.0f ms after the recorder attached (latency %.0f ms)"
+          % (script, idle_cpu, active_cpu, 1000.0 * first[0] / RATE, latency_ms))
+    assert idle_cpu < active_cpu / 10, (idle_cpu, active_cpu)
+    assert back_ms <= 200, back_ms
+
+
+def test_bypass_is_the_raw_microphone_at_the_same_delay(sound_server, fake_mic, cable, probe, speech_wav):
+    """Denoised for the first half, SIGUSR1, then bypassed: the cable follows file mode at lag L, then the raw
+    microphone at the same lag L and level."""
+    import ml_denoiser_pipeline as module
+    live = _live(sound_server, [REPO / "ml_denoiser_pipeline.py", "--mic", FAKE_MIC, "--quiet", "--no-idle"])
+    live.wait_for(live_audio.READY_LINE)
+    player = sound_server.play(str(speech_wav), FAKE_MIC_SINK)
+    time.sleep(5.0)
+    live.proc.send_signal(signal.SIGUSR1)
+    assert player.wait(30) == 0, player.stderr.read()
+    time.sleep(0.5)
+    code, out, err = live.stop()
+    recording = SoundServer.stop_recording(probe)
+    assert code == 0, err
+    assert "bypass on: the raw microphone" in out, out
+    mic, cabled = recording[:, 0], recording[:, 1]
+    start, stop = _active_span(mic)
+    half = start + 4 * RATE  # well before the switch (the player started after READY, 5 s before SIGUSR1)
+    reference = module.denoise_array(mic)
+    corr, lags, raw, _ = _piecewise_match(reference[start:half], cabled[start:half + RATE], mic[start:half],
+                                          min_windows=6)
+    tail = start + 6 * RATE  # well after it
+    b_corr, b_lags, _, _ = _piecewise_match(mic[tail:stop], cabled[tail:], mic[tail:stop], min_windows=6)
+    lag = int(np.median(lags))
+    level_db = 20 * np.log10(np.std(cabled[tail + lag:stop + lag]) / np.std(mic[tail:stop]))
+    print("denoised: corr %.3f lag %d; bypassed: corr %.4f lag %d, level %+.2f dB"
+          % (corr, lag, b_corr, int(np.median(b_lags)), level_db))
+    assert corr >= 0.9 and b_corr >= 0.99
+    assert abs(int(np.median(b_lags)) - lag) <= 2, (lags, b_lags)
+    assert abs(level_db) < 0.5
+
+
+def test_bypass_switch_delays_the_raw_input_by_the_chain_latency_and_crossfades():
+    b = live_audio.Bypass(300, fade_ms=5.0)
+    x = np.random.default_rng(0).standard_normal(2000).astype(np.float32)
+    y = np.zeros(2000, np.float32)
+    assert np.array_equal(b.process(x[:1000], y[:1000]), y[:1000])  # off: the chain's output
+    b.toggle()
+    out = np.concatenate([b.process(x[1000:1500], y[1000:1500]), b.process(x[1500:], y[1500:])])
+    fade = int(0.005 * 16000)
+    assert np.allclose(out[fade:], x[1000 - 300 + fade:2000 - 300])  # on: the input, 300 samples late
+    weights = out[:fade] / x[700:700 + fade]
+    assert np.all(np.diff(weights) > 0) and 0 < weights[0] < weights[-1] <= 1  # a ramp, not a step
+
+
+def test_recorders_counts_apps_on_the_cable_and_not_the_remap_itself():
+    sources = "45\tdenoiser_cable.monitor\tPipeWire\tfloat32le 1ch 16000Hz\tIDLE\n" \
+              "50\tdenoised_mic\tPipeWire\tfloat32le 1ch 16000Hz\tIDLE\n" \
+              "52\tfake_mic\tPipeWire\tfloat32le 1ch 16000Hz\tRUNNING\n"
+    remap = "51\t45\t-\tPipeWire\tfloat32le 1ch 16000Hz\n"
+    ours = "70\t52\t61\tPipeWire\tfloat32le 1ch 16000Hz\n"  # the pipeline recording the real microphone
+    assert devices.recorders("denoiser_cable", sources, remap + ours) == 0
+    assert devices.recorders("denoiser_cable", sources, remap + ours + "60\t50\t59\tPipeWire\tfloat32le\n") == 1
+    assert devices.recorders("denoiser_cable", sources, remap + "61\t45\t63\tPipeWire\tfloat32le\n") == 1
