@@ -231,11 +231,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     dev = args.dev if args.dev and Path(args.dev).is_dir() else ""
     net, ck = load_checkpoint(args.checkpoint)
+    if args.int8 and isinstance(net, M.StreamNet):
+        raise SystemExit("error: --int8 is for the U-Net (INT8 was slower than float32 on this CPU)")
     path = export(net, args.output, base_metadata(net, ck), args.opset)
     check_parity(net, path, dev, args.parity_tol)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, {M.count_parameters(net) / 1e6:.2f} M parameters)")
-    if args.int8 and isinstance(net, M.StreamNet):
-        raise SystemExit("error: --int8 is for the U-Net (INT8 was slower than float32 on this CPU)")
     if args.int8:
         int8_path = Path(args.output).with_suffix(".int8.onnx")
         int8_report(path, int8_path, dev, args.int8_dev_files)
