@@ -72,6 +72,7 @@ def export(net, path, metadata, opset=OPSET):
         # exporter takes 17 s for the same graph and the same numbers.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)  # nn.GRU's "batch_first with a given h0" notice
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # nn.GRU checks h0's shape in Python: fixed here
         if isinstance(net, M.StreamNet):
             dummy = (torch.randn(1, net.bins) - 5, torch.zeros(1, net.state_size))
             torch.onnx.export(M.StreamStep(net), dummy, tmp, input_names=["logmag", "state"],
