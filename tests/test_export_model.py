@@ -125,3 +125,21 @@ def test_plain_export_rebuilds_the_shipped_model_byte_for_byte(tmp_path):
     out = tmp_path / "again.onnx"
     assert export_model.main(["--output", str(out)]) == 0
     assert out.read_bytes() == (REPO / "denoiser.onnx").read_bytes()
+
+
+def test_streaming_export_rebuilds_the_shipped_low_latency_model_byte_for_byte(tmp_path):
+    """The committed streaming checkpoint re-exports denoiser_lowlatency.onnx exactly, with its metadata."""
+    import json
+    import onnx
+    import export_model
+    out = tmp_path / "again.onnx"
+    assert export_model.main(["--checkpoint", str(REPO / "checkpoints" / "stream" / "best.pt"),
+                              "--output", str(out)]) == 0
+    assert out.read_bytes() == (REPO / "denoiser_lowlatency.onnx").read_bytes()
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["kind"] == "stream" and meta["window"] == "sqrt-hann"
+    assert (meta["n_fft"], meta["stft_hop_samp"]) == ("512", "256")
+    assert int(meta["state_size"]) == 257 + 2 * int(meta["hidden"]) and json.loads(meta["parameters"]) <= 500_000
+    with pytest.raises(SystemExit, match="--int8 is for the U-Net"):
+        export_model.main(["--checkpoint", str(REPO / "checkpoints" / "stream" / "best.pt"), "--int8",
+                           "--output", str(tmp_path / "x.onnx")])
