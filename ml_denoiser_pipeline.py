@@ -169,7 +169,39 @@ def consistent(stft, wave, target, iters):
     return wave
 
 
-class MLChain:
+class ChainTail:
+    """What both chains do around their model: blocks of any length in and out (dsp.Framer), and after the model
+    the post-EQ, gate, output gain and limiter, timed per hop for the status line."""
+
+    def init_tail(self, cfg, model_only, latency_samples):
+        self.eq = dsp.BandBoost(cfg.eq_gain_db, cfg.eq_low_hz, cfg.eq_high_hz) if cfg.eq and not model_only else None
+        self.gate = make_gate(cfg, self.hop_samp) if cfg.gate and not model_only else None
+        self.framer = dsp.Framer(self.hop_samp, self.hop)
+        self.latency_samples = latency_samples
+        self.hop_budget_ms = self.hop_samp / dsp.SAMPLE_RATE * 1000
+        self.startup_ms = cfg.startup_buffer_ms
+        self.hop_ms = 0.0
+        self.nan_warning = {}
+
+    def process(self, block):
+        return self.framer.process(dsp.sanitize(np.asarray(block, np.float32), self.nan_warning))
+
+    def tail(self, out, t0):
+        if not self.model_only:
+            if self.eq:
+                out = self.eq.process(out)
+            if self.gate:
+                out = self.gate.process(out)
+            out = dsp.soft_limit(out * self.cfg.output_gain, self.cfg.limit_knee)
+        self.hop_ms = (time.perf_counter() - t0) * 1000
+        return out
+
+    def status(self):
+        return {"gate_open": self.gate.openness if self.gate else 1.0, "hop_ms": self.hop_ms,
+                "hop_budget_ms": self.hop_budget_ms}
+
+
+class MLChain(ChainTail):
     """The streaming chain. process() takes blocks of any length and returns the same length, delayed by
     exactly latency_samples; live audio and file mode both run it, so they cannot disagree."""
 
@@ -210,17 +242,8 @@ class MLChain:
         self.synthesis = dsp.crossfade_window(self.window_samp, cfg.crossfade_power)
         self.window = np.zeros(self.window_samp, np.float32)
         self.ola = np.zeros(self.window_samp, np.float32)
-        self.eq = dsp.BandBoost(cfg.eq_gain_db, cfg.eq_low_hz, cfg.eq_high_hz) if cfg.eq and not model_only else None
-        self.gate = make_gate(cfg, self.hop_samp) if cfg.gate and not model_only else None
-        self.framer = dsp.Framer(self.hop_samp, self.hop)
-        self.latency_samples = self.window_samp  # one hop of framing + the half window still awaiting overlap
-        self.hop_budget_ms = self.hop_samp / dsp.SAMPLE_RATE * 1000
-        self.startup_ms = cfg.startup_buffer_ms
-        self.hop_ms = 0.0
-        self.nan_warning = {}
-
-    def process(self, block):
-        return self.framer.process(dsp.sanitize(np.asarray(block, np.float32), self.nan_warning))
+        # latency: one hop of framing + the half window still awaiting overlap
+        self.init_tail(cfg, model_only, latency_samples=self.window_samp)
 
     def hop(self, new):
         t0 = time.perf_counter()
@@ -245,16 +268,9 @@ class MLChain:
         out = self.ola[:h].copy()
         self.ola[:-h] = self.ola[h:]
         self.ola[-h:] = 0.0
-        if not self.model_only:
-            if self.pause:
-                out = self.pause_cut(out, mag, mask)
-            if self.eq:
-                out = self.eq.process(out)
-            if self.gate:
-                out = self.gate.process(out)
-            out = dsp.soft_limit(out * self.cfg.output_gain, self.cfg.limit_knee)
-        self.hop_ms = (time.perf_counter() - t0) * 1000
-        return out
+        if self.pause:  # None in model_only
+            out = self.pause_cut(out, mag, mask)
+        return self.tail(out, t0)
 
     def pause_cut(self, out, mag, mask):
         """Turn down a hop in which the mask itself passes almost nothing: the model has called it noise
@@ -283,11 +299,6 @@ class MLChain:
             return stats
         return self.hop_stats.min(0)
 
-    def status(self):
-        return {"gate_open": self.gate.openness if self.gate else 1.0, "hop_ms": self.hop_ms,
-                "hop_budget_ms": self.hop_budget_ms}
-
-
 def make_gate(cfg, hop_samp):
     """The soft gate, its hold and release (counted in 100 ms hops) turned into this chain's hops."""
     in_hops = lambda n: max(1, round(n * GATE_HOP_SAMP / hop_samp)) if n else 0
@@ -295,7 +306,7 @@ def make_gate(cfg, hop_samp):
                     cfg.gate_depth_db, cfg.gate_attack_samp, hop_samp)
 
 
-class StreamChain:
+class StreamChain(ChainTail):
     """The low-latency chain (see the docstring): one 16 ms hop in, one out, the model's state carried between
     hops. Same contract as MLChain: process() takes any block length, returns it delayed by latency_samples."""
 
@@ -313,17 +324,8 @@ class StreamChain:
             raise dsp.AudioError(f"MASK_POWER must be above 0 (1 = the model's mask), not {cfg.mask_power}")
         self.floor = 0.0 if model_only else cfg.spectral_floor
         self.mask_power = 1.0 if model_only else cfg.mask_power
-        self.eq = dsp.BandBoost(cfg.eq_gain_db, cfg.eq_low_hz, cfg.eq_high_hz) if cfg.eq and not model_only else None
-        self.gate = make_gate(cfg, self.hop_samp) if cfg.gate and not model_only else None
-        self.framer = dsp.Framer(self.hop_samp, self.hop)
-        self.latency_samples = n_fft  # one hop of framing + the frame's second half still awaiting overlap
-        self.hop_budget_ms = self.hop_samp / dsp.SAMPLE_RATE * 1000
-        self.startup_ms = cfg.startup_buffer_ms
-        self.hop_ms = 0.0
-        self.nan_warning = {}
-
-    def process(self, block):
-        return self.framer.process(dsp.sanitize(np.asarray(block, np.float32), self.nan_warning))
+        # latency: one hop of framing + the frame's second half still awaiting overlap
+        self.init_tail(cfg, model_only, latency_samples=n_fft)
 
     def hop(self, new):
         t0 = time.perf_counter()
@@ -341,19 +343,7 @@ class StreamChain:
         out = self.ola[:h].copy()
         self.ola[:-h] = self.ola[h:]
         self.ola[-h:] = 0.0
-        if not self.model_only:
-            if self.eq:
-                out = self.eq.process(out)
-            if self.gate:
-                out = self.gate.process(out)
-            out = dsp.soft_limit(out * self.cfg.output_gain, self.cfg.limit_knee)
-        self.hop_ms = (time.perf_counter() - t0) * 1000
-        return out
-
-    def status(self):
-        return {"gate_open": self.gate.openness if self.gate else 1.0, "hop_ms": self.hop_ms,
-                "hop_budget_ms": self.hop_budget_ms}
-
+        return self.tail(out, t0)
 
 def scipy_hann(n):
     import scipy.signal
