@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.signal
 
 import dsp
 
@@ -170,8 +171,21 @@ def consistent(stft, wave, target, iters):
 
 
 class ChainTail:
-    """What both chains do around their model: blocks of any length in and out (dsp.Framer), and after the model
-    the post-EQ, gate, output gain and limiter, timed per hop for the status line."""
+    """What both chains do around their model: blocks of any length in and out (dsp.Framer), MASK_POWER and
+    SPECTRAL_FLOOR on the model's mask, and after the model the post-EQ, gate, output gain and limiter, timed per
+    hop for the status line."""
+
+    def init_mask(self, cfg, model_only):
+        if not cfg.mask_power > 0:
+            raise dsp.AudioError(f"MASK_POWER must be above 0 (1 = the model's mask), not {cfg.mask_power}")
+        self.cfg, self.model_only = cfg, model_only
+        self.floor = 0.0 if model_only else cfg.spectral_floor
+        self.mask_power = 1.0 if model_only else cfg.mask_power
+
+    def shape_mask(self, mask):
+        if self.mask_power != 1.0:
+            mask = mask ** np.float32(self.mask_power)
+        return np.maximum(mask, self.floor)
 
     def init_tail(self, cfg, model_only, latency_samples):
         self.eq = dsp.BandBoost(cfg.eq_gain_db, cfg.eq_low_hz, cfg.eq_high_hz) if cfg.eq and not model_only else None
@@ -222,11 +236,7 @@ class MLChain(ChainTail):
         self.hop_stats = np.full((floor_hops, n_fft // 2 + 1), np.inf, np.float32) if floor_hops else None
         if cfg.phase_iters < 0 or cfg.phase_iters != int(cfg.phase_iters):
             raise dsp.AudioError(f"PHASE_ITERS must be a whole number >= 0 (0 = noisy phase), not {cfg.phase_iters}")
-        if not cfg.mask_power > 0:
-            raise dsp.AudioError(f"MASK_POWER must be above 0 (1 = the model's mask), not {cfg.mask_power}")
-        self.cfg, self.model_only = cfg, model_only
-        self.floor = 0.0 if model_only else cfg.spectral_floor
-        self.mask_power = 1.0 if model_only else cfg.mask_power
+        self.init_mask(cfg, model_only)
         if cfg.pause_depth_db < 0 or not cfg.pause_below_db < cfg.pause_above_db:
             raise dsp.AudioError("PAUSE_DEPTH_DB must be >= 0 (0 = off) and PAUSE_BELOW_DB below PAUSE_ABOVE_DB, "
                                  f"not {cfg.pause_depth_db}, {cfg.pause_below_db}, {cfg.pause_above_db}")
@@ -257,10 +267,7 @@ class MLChain(ChainTail):
         if self.hop_stats is not None:
             logmag = np.concatenate([logmag, self.noise_floor(logmag[0, 0])[None, None, :, None]
                                      .repeat(logmag.shape[-1], -1)], 1)
-        mask = self.session.run(None, {self.input_name: logmag})[0][0, 0]
-        if self.mask_power != 1.0:
-            mask = mask ** np.float32(self.mask_power)
-        mask = np.maximum(mask, self.floor)
+        mask = self.shape_mask(self.session.run(None, {self.input_name: logmag})[0][0, 0])
         clean = self.stft.inverse(spec * mask)
         if not self.model_only:
             clean = consistent(self.stft, clean, mag * mask, self.cfg.phase_iters)
@@ -299,6 +306,7 @@ class MLChain(ChainTail):
             return stats
         return self.hop_stats.min(0)
 
+
 def make_gate(cfg, hop_samp):
     """The soft gate, its hold and release (counted in 100 ms hops) turned into this chain's hops."""
     in_hops = lambda n: max(1, round(n * GATE_HOP_SAMP / hop_samp)) if n else 0
@@ -316,14 +324,10 @@ class StreamChain(ChainTail):
         self.hop_samp = self.frame_samp = geometry["stft_hop_samp"]
         self.log_eps = float(meta.get("log_eps", LOG_EPS_DEFAULT))
         self.state = np.zeros((1, int(meta["state_size"])), np.float32)
-        self.window = np.sqrt(scipy_hann(n_fft)).astype(np.float32)
+        self.window = np.sqrt(scipy.signal.get_window("hann", n_fft, fftbins=True)).astype(np.float32)  # periodic
         self.frame = np.zeros(n_fft, np.float32)
         self.ola = np.zeros(n_fft, np.float32)
-        self.cfg, self.model_only = cfg, model_only
-        if not cfg.mask_power > 0:
-            raise dsp.AudioError(f"MASK_POWER must be above 0 (1 = the model's mask), not {cfg.mask_power}")
-        self.floor = 0.0 if model_only else cfg.spectral_floor
-        self.mask_power = 1.0 if model_only else cfg.mask_power
+        self.init_mask(cfg, model_only)
         # latency: one hop of framing + the frame's second half still awaiting overlap
         self.init_tail(cfg, model_only, latency_samples=n_fft)
 
@@ -335,19 +339,12 @@ class StreamChain(ChainTail):
         spec = np.fft.rfft(self.frame * self.window)
         logmag = np.log(np.abs(spec) + self.log_eps).astype(np.float32)[None]
         mask, self.state = self.session.run(None, {"logmag": logmag, "state": self.state})
-        mask = mask[0]
-        if self.mask_power != 1.0:
-            mask = mask ** np.float32(self.mask_power)
-        mask = np.maximum(mask, self.floor)
+        mask = self.shape_mask(mask[0])
         self.ola += np.fft.irfft(spec * mask, n=len(self.frame)).astype(np.float32) * self.window
         out = self.ola[:h].copy()
         self.ola[:-h] = self.ola[h:]
         self.ola[-h:] = 0.0
         return self.tail(out, t0)
-
-def scipy_hann(n):
-    import scipy.signal
-    return scipy.signal.get_window("hann", n, fftbins=True)  # periodic, as model.stream_window
 
 
 def model_path(cfg):
