@@ -397,6 +397,43 @@ def snr_tables(rows, methods):
     return "\n\n".join(parts), csv_rows
 
 
+def paired_table(rows, methods, a, b):
+    """B - A file by file for each scored metric: the mean difference and its interval, and a verdict that
+    counts a difference only where the whole interval lies on one side of zero."""
+    labels = {m.name: m.label for m in methods}
+    if a not in labels or b not in labels:
+        missing = [m for m in (a, b) if m not in labels]
+        return f"--compare: {', '.join(missing)} did not run (see the notes)"
+    la, lb = labels[a], labels[b]
+    by_file = {}
+    for r in rows:
+        by_file.setdefault(r["file"], {})[r["method"]] = r
+    lines = [f"Paired, file by file: {lb} - {la}; mean and {int(CONFIDENCE * 100)}% interval of the difference.",
+             "", "| metric | difference | verdict |", "|---|---|---|"]
+    for key, title, decimals, higher in METRICS:
+        if key == "rtf":
+            continue
+        diffs = []
+        for scores in by_file.values():
+            if la in scores and lb in scores:
+                x, y = scores[la].get(key), scores[lb].get(key)
+                if x is not None and y is not None and np.isfinite(x) and np.isfinite(y):
+                    diffs.append(y - x)
+        if not diffs:
+            continue
+        mean, half = mean_ci(diffs)
+        if not np.isfinite(half):
+            verdict = "too few files"
+        elif (mean - half > 0) == higher and abs(mean) > half:
+            verdict = f"{lb} better"
+        elif abs(mean) > half:
+            verdict = f"{lb} worse"
+        else:
+            verdict = "no difference (inside the interval)"
+        lines.append(f"| {title} | {mean:+.{decimals}f} ± {half:.{decimals}f} | {verdict} |")
+    return "\n".join(lines)
+
+
 def write_csv(path, rows, fields):
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "w", newline="") as fh:
@@ -548,6 +585,9 @@ def build_parser():
     p.add_argument("--model", help="ONNX model for the ML pipeline (default: its own default)")
     p.add_argument("--spectrogram", metavar="NAME",
                    help="file (stem) for the spectrogram panel (default: the first pair)")
+    p.add_argument("--compare", metavar="A,B",
+                   help="also compare two of the methods file by file: B - A per metric with its 95%% interval "
+                        "(paired, so tighter than the tables' intervals), and whether B is better, worse or neither")
     p.add_argument("--readme", help="Markdown file whose eval markers receive the results table")
     p.add_argument("--golden", metavar="JSON", help="also write per-file scores of ml and ml-model on the "
                    f"first {GOLDEN_PAIRS} pairs here (tests/golden_metrics.json for the golden test)")
@@ -578,14 +618,22 @@ def choose_setups(args):
             raise EvalError(f"--ml-variant {name}: the name is already taken; choose another")
         ml_variant_config(name, flags, args.model)  # bad flags fail now, not after an hour of scoring
         available[name] = lambda n=name, f=flags: setup_ml_variant(args, n, f)
+    chosen = list(available.items())
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
         unknown = [m for m in wanted if m not in available]
         if unknown:
             raise EvalError(f"--methods: unknown {', '.join(unknown)} "
                             f"(available: {', '.join(available)})")
-        return [(m, available[m]) for m in wanted]
-    return list(available.items())
+        chosen = [(m, available[m]) for m in wanted]
+    if args.compare is not None:
+        pair = [m.strip() for m in args.compare.split(",")]
+        names = [name for name, _ in chosen]
+        if len(pair) != 2 or pair[0] == pair[1] or not all(m in names for m in pair):
+            raise EvalError(f"--compare {args.compare!r}: expected A,B, two different methods of this run "
+                            f"({', '.join(names)})")
+        args.compare = tuple(pair)
+    return chosen
 
 
 def resolve_sets(args):
@@ -625,11 +673,14 @@ def report_set(args, name, pairs, rows, methods, with_ref, out_dir):
         if snr_rows:
             write_csv(out_dir / "by_snr.csv", snr_rows, ["method", "snr_db", "metric", "mean", "ci95", "n"])
             plot_snr(out_dir, snr_rows, methods)
+    comparison = paired_table(rows, methods, *args.compare) if args.compare is not None and with_ref else None
+    if comparison:
+        md += ["", f"### {name + ': c' if name else 'C'}omparison", "", comparison]
     fields = ["file", "method", "snr_db", "pesq", "stoi", "si_snr", "si_snri", "dnsmos_sig",
               "dnsmos_bak", "dnsmos_ovrl", "rtf", "lag_ms", "note"]
     write_csv(out_dir / "scores.csv", rows, fields)
     plot_bars(out_dir, rows, methods, with_ref)
-    return "\n".join(md), intro, table
+    return "\n".join(md), intro, table, comparison
 
 
 def run(args):
@@ -667,11 +718,13 @@ def run(args):
             raise EvalError("no method could run: " + "; ".join(notes))
         set_dir = out_dir / name if name else out_dir
         set_dir.mkdir(parents=True, exist_ok=True)
-        md, intro, table = report_set(args, name, pairs, rows, methods, with_ref, set_dir)
+        md, intro, table, comparison = report_set(args, name, pairs, rows, methods, with_ref, set_dir)
         report += ["", md]
         readme += ([f"**{name}**: {intro}"] if name else [f"Generated by `{command}`: {intro}"]) + ["", table]
         readme += [""]
         printed += ([f"{name}:"] if name else []) + [table, ""]
+        if comparison:
+            printed += [comparison, ""]
         if index == 0:
             plot_spectrograms(out_dir, pairs[[p.name for p in pairs].index(chosen)], kept)
             if args.golden:

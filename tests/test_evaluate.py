@@ -269,3 +269,31 @@ def test_sets_score_dev_and_dev_real_in_one_command(tmp_path, capsys):
     assert "one or the other" in capsys.readouterr().err
     assert ev.main(["--sets", "nosuchset", "--quiet"]) == 1
     assert "a known set" in capsys.readouterr().err
+
+
+def test_compare_counts_a_difference_only_beyond_its_paired_interval(tmp_path, capsys):
+    """--compare A,B: B - A file by file. Identical outputs differ by exactly nothing; a steady gain on every file
+    is "better" even where the two means' own intervals overlap; a gain that comes and goes is no difference."""
+    write_pair(tmp_path, PAIR, seconds=3.0)
+    out = tmp_path / "out"
+    args = ["--clean", str(tmp_path / "clean"), "--noisy", str(tmp_path / "noisy"), "--methods", "noisy,copy",
+            "--cmd", "copy", "cp {in} {out}", "--out", str(out), "--no-dnsmos", "--quiet"]
+    assert ev.main(args + ["--compare", "noisy, copy"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "copy - noisy input" in printed and "| PESQ-WB | +0.00 ± " in printed, printed
+    assert "too few files" in printed  # one pair: no interval
+    assert "Comparison" in (out / "results.md").read_text()
+    for bad in ("noisy", "noisy,noisy", "noisy,dsp", "noisy,copy,x"):
+        assert ev.main(args + ["--compare", bad]) == 1
+        assert "--compare" in capsys.readouterr().err
+
+    methods = [peers.Method("a", "A", None, None), peers.Method("b", "B", None, None)]
+    base = np.linspace(1.5, 3.0, 10)
+    steady = [{"file": str(i), "method": "A", "pesq": base[i]} for i in range(10)]
+    steady += [{"file": str(i), "method": "B", "pesq": base[i] + 0.05} for i in range(10)]
+    assert "| PESQ-WB | +0.05 ± 0.00 | B better |" in ev.paired_table(steady, methods, "a", "b")
+    assert "| PESQ-WB | -0.05 ± 0.00 | A worse |" in ev.paired_table(steady, methods, "b", "a")
+    assert metrics.mean_ci(base)[1] > 0.05  # the tables' own intervals would overlap
+    mixed = steady[:10] + [{"file": str(i), "method": "B", "pesq": base[i] + (0.3 if i % 2 else -0.25)}
+                           for i in range(10)]
+    assert "no difference" in ev.paired_table(mixed, methods, "a", "b")
