@@ -1,6 +1,6 @@
 """Export a training checkpoint to the ONNX model the pipeline runs (denoiser.onnx).
 
-    python export_model.py                                  # the shipped model, re-exported byte for byte
+    python export_model.py                                  # the shipped model, re-exported (weights equal to float32 rounding)
     python export_model.py --checkpoint checkpoints/last.pt --output my.onnx
     python export_model.py --int8                           # also denoiser.int8.onnx, with its cost and gain
     python export_model.py --checkpoint a.pt b.pt           # the average of two fine-tunes' weights
@@ -14,9 +14,9 @@ stay below PARITY_TOL), and the file gets metadata the pipeline checks on load: 
 window, context (past samples the model expects in front of each window), base channels, a summary of
 the training data, and the dev metrics of the checkpoint.
 A streaming checkpoint (train.py --arch stream) exports one frame's step instead: log|X| [1, 257] and the state
-[1, state_size] in, the mask [1, 257] and the next state out, with metadata kind=stream, its frame geometry, the
-window (sqrt-hann) and the state's size and layout; parity is checked frame by frame against the whole-utterance
-torch pass on real audio.
+[1, state_size] in, the mask [1, 257] (or [1, 2, 257], real and imaginary, with metadata mask=complex) and the
+next state out, with metadata kind=stream, its frame geometry, the window (sqrt-hann) and the state's size and
+layout; parity is checked frame by frame against the whole-utterance torch pass on real audio.
 """
 import json
 import os
@@ -52,7 +52,8 @@ def load_checkpoint(path):
         raise SystemExit(f"error: {exc}")
     cfg = ck.get("config", {})
     if cfg.get("arch") == "stream":
-        net = M.StreamNet(cfg.get("hidden", M.STREAM_HIDDEN))
+        net = M.StreamNet(cfg.get("hidden", M.STREAM_HIDDEN), mask=cfg.get("mask", "real"),
+                          bands=cfg.get("bands", 0))
         net.load_state_dict(ck["model"])
         return net.eval(), ck
     net = M.UNet(cfg.get("base_ch", M.BASE_CH), in_ch=ck["model"]["e1.0.weight"].shape[1])
@@ -97,8 +98,12 @@ def base_metadata(net, ck=None):
         meta = {"kind": "stream", "sample_rate": M.SAMPLE_RATE, "n_fft": M.STREAM_N_FFT,
                 "stft_hop_samp": M.STREAM_HOP_SAMP, "window_samp": M.STREAM_N_FFT, "window": "sqrt-hann",
                 "hidden": net.hidden, "state_size": net.state_size,
-                "state_layout": f"running mean {net.bins} + gru1 {net.hidden} + gru2 {net.hidden}",
+                "state_layout": f"running mean {net.width} + gru1 {net.hidden} + gru2 {net.hidden}",
                 "log_eps": M.LOG_EPS, "parameters": M.count_parameters(net), "producer": "export_model.py"}
+        if net.mask != "real":  # absent means real: the files from before the complex mask
+            meta["mask"] = net.mask
+        if net.bands:  # absent means every bin; the pipeline needs neither (the ONNX graph pools and spreads)
+            meta["bands"] = net.bands
     else:
         meta = {"sample_rate": M.SAMPLE_RATE, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
                 "window_samp": cfg.get("window_samp", 3200), "context_samp": cfg.get("context_samp", 0),

@@ -32,13 +32,15 @@ With --low-latency (or any model whose metadata says kind=stream) one hop is 16 
   16 ms of microphone samples x INPUT_GAIN slide into a 32 ms frame
   -> sqrt-Hann window, 512-point FFT: one frame of 257 bins
   -> denoiser_lowlatency.onnx maps log|X| [1, 257] and its state [1, S] (running mean and GRU memories, handed
-     back each hop) to a mask in [0, 1] and the next state; MASK_POWER and SPECTRAL_FLOOR as above
+     back each hop) to a mask in [0, 1] and the next state; MASK_POWER and SPECTRAL_FLOOR as above (a model
+     with metadata mask=complex gives a complex gain [1, 2, 257]: they shape its length, its phase turn stays)
   -> mask x noisy spectrum, inverse FFT, sqrt-Hann again, overlap-added with the previous frame's second half
      (the two windows multiply to a Hann, whose 50 % overlap-add is exactly one)
   -> post-EQ -> soft gate -> OUTPUT_GAIN -> soft limiter -> the cable.
 Its latency is the 32 ms frame. The model looks at no audio after the frame, so Griffin-Lim (which needs the
 window's later frames) and the pause cut (keyed on a 200 ms window's mask) are the U-Net chain's alone.
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -52,6 +54,9 @@ import dsp
 MODEL = str(Path(__file__).resolve().parent / "denoiser.onnx")  # the ONNX mask model; --model PATH for another
 LOW_LATENCY = False        # --low-latency: run MODEL_LOW_LATENCY (32 ms) instead of MODEL (200 ms, cleaner)
 MODEL_LOW_LATENCY = str(Path(__file__).resolve().parent / "denoiser_lowlatency.onnx")  # the streaming model
+LOW_LATENCY_OUT_TARGET_MS = 20  # [0, 5000] live output cushion with --low-latency (--out-target-ms wins), ms: its
+                           # hops cost 0.2 ms, so it covers only the devices' jitter; raise if it crackles
+LOW_LATENCY_BLOCK_MS = 5   # [1, 200] live device block with --low-latency (--block-ms wins), ms: each ms is delay
 CROSSFADE_POWER = 0.3      # [0.05, 10] crossfade between windows: 1 = Hann, lower = a more even average of the two
                            # windows' estimates (smoother), higher = each window's centre counts more
 SPECTRAL_FLOOR = 0.03      # [0, 1] lowest mask value: 0 = the model's own .. 0.18 gentle; raise if the voice sounds thin
@@ -157,6 +162,11 @@ def check_stream_model(session, meta, geometry, path):
     shapes = {i.name: i.shape for i in session.get_inputs()}
     if shapes != {"logmag": [1, bins], "state": [1, size]} or len(session.get_outputs()) != 2:
         raise dsp.AudioError(f"model {path.name} takes {shapes}, expected logmag [1, {bins}] and state [1, {size}]")
+    mask = meta.get("mask", "real")
+    want = {"real": [1, bins], "complex": [1, 2, bins]}.get(mask)
+    if want is None or session.get_outputs()[0].shape != want:
+        raise dsp.AudioError(f"model {path.name}: its mask ({mask}) comes out as {session.get_outputs()[0].shape}; "
+                             f"this pipeline takes a real mask [1, {bins}] or a complex one [1, 2, {bins}]")
 
 
 def consistent(stft, wave, target, iters):
@@ -323,7 +333,12 @@ class StreamChain(ChainTail):
         n_fft = geometry["n_fft"]
         self.hop_samp = self.frame_samp = geometry["stft_hop_samp"]
         self.log_eps = float(meta.get("log_eps", LOG_EPS_DEFAULT))
+        self.silent_log = float(meta.get("silent_log", SILENT_LOG_DEFAULT))
         self.state = np.zeros((1, int(meta["state_size"])), np.float32)
+        self.complex_mask = meta.get("mask", "real") == "complex"
+        for _ in range(3):  # onnxruntime allocates on its first runs: not on the first hop of speech
+            self.session.run(None, {"logmag": np.full((1, n_fft // 2 + 1), self.silent_log, np.float32),
+                                    "state": self.state})
         self.window = np.sqrt(scipy.signal.get_window("hann", n_fft, fftbins=True)).astype(np.float32)  # periodic
         self.frame = np.zeros(n_fft, np.float32)
         self.ola = np.zeros(n_fft, np.float32)
@@ -338,13 +353,25 @@ class StreamChain(ChainTail):
         self.frame[-h:] = new * (1.0 if self.model_only else self.cfg.input_gain)
         spec = np.fft.rfft(self.frame * self.window)
         logmag = np.log(np.abs(spec) + self.log_eps).astype(np.float32)[None]
-        mask, self.state = self.session.run(None, {"logmag": logmag, "state": self.state})
-        mask = self.shape_mask(mask[0])
-        self.ola += np.fft.irfft(spec * mask, n=len(self.frame)).astype(np.float32) * self.window
+        # Digital silence (a muted mic, the zeros before the first sound, the live warm-up) leaves the model's
+        # state as it was: its running mean would sink to log(eps), and the first words after it would meet a
+        # normalisation the model never trained on (training starts each example from zero state on audio).
+        if logmag.mean() >= self.silent_log:
+            mask, self.state = self.session.run(None, {"logmag": logmag, "state": self.state})
+            gain = self.complex_gain(mask[0]) if self.complex_mask else self.shape_mask(mask[0])
+            self.ola += np.fft.irfft(spec * gain, n=len(self.frame)).astype(np.float32) * self.window
         out = self.ola[:h].copy()
         self.ola[:-h] = self.ola[h:]
         self.ola[-h:] = 0.0
         return self.tail(out, t0)
+
+
+    def complex_gain(self, mask):
+        """A complex mask [2, F]: the floor and power shape its length; its direction, the phase turn, stays."""
+        gain = mask[0] + 1j * mask[1]
+        length = np.abs(gain)
+        turn = np.where(length > 1e-6, gain / np.maximum(length, 1e-6), 1.0)
+        return self.shape_mask(length) * turn
 
 
 def model_path(cfg):
@@ -384,8 +411,19 @@ def latency_ms(cfg=None):
     return load_model(model_path(cfg), cfg)[2]["window_samp"] / dsp.SAMPLE_RATE * 1000
 
 
+def parse_args(argv=None):
+    """The command line; --low-latency brings its own live cushion and block unless they are given."""
+    parser, unset = build_parser(), object()
+    # argparse leaves preset attributes alone unless the flag is given: what is still unset was not asked for.
+    args = parser.parse_args(argv, argparse.Namespace(out_target_ms=unset, block_ms=unset))
+    for name in ("out_target_ms", "block_ms"):  # sized for the U-Net's 10-17 ms hops, most of --low-latency's delay
+        if getattr(args, name) is unset:
+            setattr(args, name, getattr(args, "low_latency_" + name) if args.low_latency else parser.get_default(name))
+    return args
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return dsp.run(args, lambda: make_chain(args), "hop")
 
 

@@ -53,6 +53,8 @@ OUT_DIR = "checkpoints"                      # last.pt, best.pt, epochN.pt and t
 ARCH = "unet"              # "unet": the 200 ms U-Net (denoiser.onnx); "stream": the 32 ms model (denoiser_lowlatency)
 STREAM_SEGMENT_SAMP = 32000  # [2048, 480000] --arch stream: samples per training example; longer = more memory learnt
 STREAM_HIDDEN = M.STREAM_HIDDEN  # [16, 512] --arch stream: GRU width; see model.py
+STREAM_MASK = M.STREAM_MASK  # --arch stream: "real" gain per bin, or "complex" (also turns the phase); model.py
+STREAM_BANDS = M.STREAM_BANDS  # [0, 192] --arch stream: 0 = every bin in and out, N = ERB bands above 2 kHz; model.py
 SEGMENT_SAMP = 3200        # [256, 32000] training window; 3200 = the pipeline's window, which it must match
 FLOOR_HOPS = 0             # [0, 100] noise floor over this many 100 ms hops as a second input (0 = none, 20 = 2 s)
 FLOOR_START_PROB = 0.25    # [0, 1] with FLOOR_HOPS, share of examples whose past is cut short, as after start-up
@@ -232,7 +234,8 @@ def build_parser():
     dsp.add_constant_flags(ap, vars(dataset), MIXING_NAMES, dataset.__file__)
     ap.add_argument("--init-from", nargs="+", default=[], metavar="CHECKPOINT",
                     help="checkpoint whose weights start a new run (fine-tuning); several: their average")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt, with its recipe")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from OUT_DIR/last.pt, with its recipe and length (--epochs: a longer cosine)")
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in this run (smoke tests)")
     return ap
 
@@ -240,24 +243,28 @@ def build_parser():
 # What makes a run that run: checkpoint config key -> flag. --resume takes these from last.pt, so a resumed run
 # mixes, scores and schedules exactly as before; a flag given with --resume that says otherwise is refused.
 RECIPE = {"arch": "arch", "stream_segment_samp": "stream_segment_samp", "hidden": "stream_hidden",
-          "base_ch": "base_ch", "window_samp": "segment_samp", "floor_hops": "floor_hops",
+          "mask": "stream_mask", "bands": "stream_bands", "base_ch": "base_ch", "window_samp": "segment_samp",
+          "floor_hops": "floor_hops",
           "floor_start_prob": "floor_start_prob", "mag_weight": "mag_weight", "mag_power": "mag_power",
           "stoi_weight": "stoi_weight", "seed": "seed", "batch_size": "batch_size",
           "steps_per_epoch": "steps_per_epoch", "noise_exclude": "noise_exclude", **{key: key for key in dataset.MIXING}}
 
 
 def adopt_recipe(args, argv, ck, path):
-    """Set args' recipe flags from the checkpoint being resumed. A mixing option an older checkpoint lacks did
-    not exist when it was made, so that run mixed without it: it is resumed switched off (dataset.PLAIN); other
-    keys it lacks keep the flag's value."""
+    """Set args' recipe flags, and its length unless --epochs is given, from the checkpoint being resumed. A mixing
+    option an older checkpoint lacks did not exist when it was made, so that run mixed without it: it is resumed
+    switched off (dataset.PLAIN), as is a streaming model from before the complex mask or bands (real, every bin);
+    other keys it lacks keep the flag's value."""
     unset = object()  # argparse leaves a namespace's preset attributes alone unless the flag is given
-    parsed = build_parser().parse_args(argv, argparse.Namespace(**dict.fromkeys(RECIPE.values(), unset)))
+    preset = argparse.Namespace(**dict.fromkeys([*RECIPE.values(), "epochs"], unset))
+    parsed = build_parser().parse_args(argv, preset)
     given = {dest: value for dest, value in vars(parsed).items() if value is not unset}
     same = lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else v
     for key, dest in RECIPE.items():
         if key not in ck["config"]:
-            if key in dataset.PLAIN and dest not in given:
-                setattr(args, dest, dataset.PLAIN[key])
+            before = {**dataset.PLAIN, "mask": "real", "bands": 0}
+            if key in before and dest not in given:
+                setattr(args, dest, before[key])
             continue
         saved = same(ck["config"][key])
         if dest in given and same(given[dest]) != saved:
@@ -266,6 +273,10 @@ def adopt_recipe(args, argv, ck, path):
             raise SystemExit(f"error: {path} has {key} {shown(saved)}, not {shown(same(given[dest]))}: --resume "
                              f"continues that run as it was; drop {flag}, or start a new run with --init-from")
         setattr(args, dest, tuple(saved) if isinstance(saved, list) else saved)
+    if "epochs" not in given:
+        # The run's length is its cosine's: without --epochs a resume finishes the schedule it started on
+        # (EPOCHS would stretch it to another length); with it, the cosine stretches where the state is loaded.
+        args.epochs = round(ck["scheduler"]["T_max"] / args.steps_per_epoch)
 
 
 def parse_args(argv):
@@ -288,6 +299,10 @@ def parse_args(argv):
         if args.floor_hops:
             raise SystemExit("error: --floor-hops is the U-Net's noise floor; the streaming model keeps its own "
                              "running mean, so drop --floor-hops with --arch stream")
+        if args.stream_mask not in ("real", "complex"):
+            raise SystemExit(f"error: --stream-mask is real or complex, not {args.stream_mask}")
+        if args.stream_bands == 1:
+            raise SystemExit("error: --stream-bands is 0 (every bin) or 2 and more")
         if args.stream_hidden % M.STREAM_GROUPS:
             raise SystemExit(f"error: --stream-hidden must be a multiple of {M.STREAM_GROUPS} (its GRU groups)")
         args.segment_samp = args.stream_segment_samp  # one name for "the example" below
@@ -338,7 +353,9 @@ def make_model(args, device, main_proc):
     torch.manual_seed(args.seed)
     in_ch = 2 if args.floor_hops else 1
     stream = args.arch == "stream"
-    net = (M.StreamNet(args.stream_hidden) if stream else M.UNet(args.base_ch, in_ch)).to(device)
+    net = (M.StreamNet(args.stream_hidden, mask=args.stream_mask, bands=args.stream_bands) if stream
+           else M.UNet(args.base_ch, in_ch))
+    net = net.to(device)
     if device.type == "cpu" and not stream:
         net = net.to(memory_format=torch.channels_last)  # 1.5x faster convolutions on x86 CPUs
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
@@ -358,8 +375,10 @@ def make_model(args, device, main_proc):
             try:
                 net.load_state_dict(ck["model"])
             except RuntimeError:
-                raise SystemExit(f"error: {args.init_from} is a streaming model of another width; pass its "
-                                 f"--stream-hidden ({ck['config'].get('hidden')})") from None
+                raise SystemExit(f"error: {args.init_from} is a streaming model of another width, mask or bands; "
+                                 f"pass its --stream-hidden {ck['config'].get('hidden')} --stream-mask "
+                                 f"{ck['config'].get('mask', 'real')} --stream-bands "
+                                 f"{ck['config'].get('bands', 0)}") from None
         elif ck["config"].get("base_ch", 0) != args.base_ch:
             raise SystemExit(f"error: {args.init_from} has base_ch {ck['config'].get('base_ch', 0)}, "
                              f"not {args.base_ch}")
@@ -375,7 +394,13 @@ def make_model(args, device, main_proc):
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        sched.T_max = args.epochs * args.steps_per_epoch  # --epochs may be raised on resume: the cosine stretches
+        if sched.T_max != args.epochs * args.steps_per_epoch:  # --epochs raised on resume: the cosine stretches
+            sched.T_max = args.epochs * args.steps_per_epoch
+            # The scheduler updates the rate recursively from its last value, which at the end of a finished
+            # cosine is the floor and would stay there: restart it where the longer cosine stands at this step.
+            for group, base in zip(opt.param_groups, sched.base_lrs):
+                group["lr"] = args.lr_min + (base - args.lr_min) * (1 + math.cos(math.pi * ck["step"] / sched.T_max)) / 2
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
         epoch, step, best = ck["epoch"], ck["step"], ck["best"]
         args.init_from = ck["config"].get("init_from", "")  # a resumed fine-tune still started from there
         if main_proc:
@@ -416,7 +441,9 @@ def training_step(args, train_net, net, opt, sched, batch, device, autocast):
 def recipe_config(args, data_summary):
     stream = args.arch == "stream"
     geometry = ({"n_fft": M.STREAM_N_FFT, "stft_hop_samp": M.STREAM_HOP_SAMP, "window_samp": M.STREAM_N_FFT,
-                 "stream_segment_samp": args.segment_samp, "hidden": args.stream_hidden} if stream else
+                 "stream_segment_samp": args.segment_samp, "hidden": args.stream_hidden, "mask": args.stream_mask,
+                 "bands": args.stream_bands}
+                if stream else
                 {"n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP, "window_samp": args.segment_samp})
     return {"arch": args.arch, "base_ch": args.base_ch, **geometry, "sample_rate": M.SAMPLE_RATE, "context_samp": 0,
             "log_eps": M.LOG_EPS, "floor_hops": args.floor_hops, "init_from": args.init_from or "",

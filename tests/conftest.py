@@ -54,14 +54,16 @@ def random_model(random_net, tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def stream_net():
-    """A real streaming model from model.py with random weights (hidden 32), its biases moved so the mask
-    varies between 0 and 1 instead of sitting at 0.5."""
+@pytest.fixture(scope="session", params=["real", "complex-bands"])
+def stream_net(request):
+    """A real streaming model from model.py with random weights (hidden 32), its weights scaled so the mask
+    varies between 0 and 1 instead of sitting at 0.5: the shipped kind (a real mask on every bin), and a complex
+    mask on ERB bands (whose pooling and spreading the ONNX graph must carry)."""
     import torch
     import model
     torch.manual_seed(1)
-    net = model.StreamNet(hidden=32).eval()
+    mask, bands = ("real", 0) if request.param == "real" else ("complex", 24)
+    net = model.StreamNet(hidden=32, mask=mask, bands=bands).eval()
     with torch.no_grad():
         net.out.weight.mul_(8)
     return net

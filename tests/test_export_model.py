@@ -27,6 +27,24 @@ def checkpoint(tiny_corpus, tmp_path_factory):
     return out / "best.pt"
 
 
+def assert_same_model(got, shipped):
+    """The same graph, metadata and weights as the shipped file. Weights compare to float32 rounding, not bytes:
+    the export folds batch norm into the convolutions in float32, and which SIMD path torch takes for that
+    depends on the CPU, so another machine may land one unit in the last place away."""
+    import onnx
+    from onnx import numpy_helper
+    a, b = onnx.load(str(got)), onnx.load(str(shipped))
+    assert [p.key + p.value for p in a.metadata_props] == [p.key + p.value for p in b.metadata_props]
+    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+    wa = {i.name: numpy_helper.to_array(i) for i in a.graph.initializer}
+    wb = {i.name: numpy_helper.to_array(i) for i in b.graph.initializer}
+    assert wa.keys() == wb.keys()
+    for name, w in wa.items():
+        assert w.dtype == wb[name].dtype and w.shape == wb[name].shape, name
+        # A few ulps of the tensor's largest weight; a retrained or different checkpoint differs by far more.
+        np.testing.assert_allclose(w, wb[name], rtol=0, atol=4 * np.spacing(np.abs(wb[name]).max()), err_msg=name)
+
+
 def test_export_parity_metadata_and_free_time_axis(checkpoint, tmp_path, dev_dir):
     out = tmp_path / "m.onnx"
     assert export_model.main(["--checkpoint", str(checkpoint), "--output", str(out), "--dev", str(dev_dir)]) == 0
@@ -118,28 +136,29 @@ def test_several_checkpoints_export_their_average(checkpoint, tmp_path):
         export_model.load_checkpoint([checkpoint, tmp_path / "wide.pt"])
 
 
-def test_plain_export_rebuilds_the_shipped_model_byte_for_byte(tmp_path):
-    """export_model.py's default checkpoint is the shipped model's: exported again it gives denoiser.onnx exactly,
-    so the committed model is what the committed weights make."""
+def test_plain_export_rebuilds_the_shipped_model(tmp_path):
+    """export_model.py's default checkpoint is the shipped model's: exported again it gives denoiser.onnx (to
+    float32 rounding), so the committed model is what the committed weights make."""
     import export_model
     out = tmp_path / "again.onnx"
     assert export_model.main(["--output", str(out)]) == 0
-    assert out.read_bytes() == (REPO / "denoiser.onnx").read_bytes()
+    assert_same_model(out, REPO / "denoiser.onnx")
 
 
-def test_streaming_export_rebuilds_the_shipped_low_latency_model_byte_for_byte(tmp_path):
-    """The committed streaming checkpoint re-exports denoiser_lowlatency.onnx exactly, with its metadata."""
+def test_streaming_export_rebuilds_the_shipped_low_latency_model(tmp_path):
+    """The committed streaming checkpoint re-exports denoiser_lowlatency.onnx, with its metadata."""
     import json
     import onnx
     import export_model
     out = tmp_path / "again.onnx"
-    assert export_model.main(["--checkpoint", str(REPO / "checkpoints" / "stream" / "best.pt"),
+    assert export_model.main(["--checkpoint", str(REPO / "checkpoints" / "stream_erb" / "best.pt"),
                               "--output", str(out)]) == 0
-    assert out.read_bytes() == (REPO / "denoiser_lowlatency.onnx").read_bytes()
+    assert_same_model(out, REPO / "denoiser_lowlatency.onnx")
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert meta["kind"] == "stream" and meta["window"] == "sqrt-hann"
     assert (meta["n_fft"], meta["stft_hop_samp"]) == ("512", "256")
-    assert int(meta["state_size"]) == 257 + 2 * int(meta["hidden"]) and json.loads(meta["parameters"]) <= 500_000
+    # The state: a running mean per model input (65 bins kept + 48 ERB bands) and the two GRUs' hidden states.
+    assert int(meta["state_size"]) == 65 + 48 + 2 * int(meta["hidden"]) and json.loads(meta["parameters"]) <= 500_000
     with pytest.raises(SystemExit, match="--int8 is for the U-Net"):
-        export_model.main(["--checkpoint", str(REPO / "checkpoints" / "stream" / "best.pt"), "--int8",
+        export_model.main(["--checkpoint", str(REPO / "checkpoints" / "stream_erb" / "best.pt"), "--int8",
                            "--output", str(tmp_path / "x.onnx")])

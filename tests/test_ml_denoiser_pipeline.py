@@ -192,7 +192,7 @@ def test_interrupted_folder_run_leaves_only_whole_files(tmp_path, random_model):
                              str(out), "--model", str(random_model)], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not (out.is_dir() and len(list(out.iterdir())) >= 3) and time.monotonic() < deadline:
+    while not (out.is_dir() and len(list(out.glob("f*.wav"))) >= 3) and time.monotonic() < deadline:  # no .tmp
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -512,22 +512,50 @@ def test_stream_frames_one_at_a_time_equal_the_whole_utterance_in_torch(stream_m
     assert np.std(got - x[:len(ref)]) > 1e-3, "the random model must change the audio, or the test proves nothing"
 
 
-def test_stream_chain_with_unit_mask_passes_audio_through():
-    """A model that always answers 1 (made by export_model from a zeroed StreamNet with a large bias)."""
+def test_stream_chain_state_ignores_digital_silence(stream_model):
+    """Silence before the first sound (the live warm-up, a muted mic) leaves the state as a fresh chain's, so what
+    follows is what a fresh chain makes of it; without that the running mean sinks to log(eps) meanwhile."""
+    x = speechlike(1.5, seed=3) + 0.01 * np.random.default_rng(4).standard_normal(24000).astype(np.float32)
+    fresh = P.make_chain(stream_config(stream_model))
+    after_silence = P.make_chain(stream_config(stream_model))
+    after_silence.process(np.zeros(256 * 100, np.float32))
+    assert not after_silence.state.any()
+    a, b = fresh.process(x), after_silence.process(x)
+    assert np.abs(a).max() > 1e-3 and error_db(b, a) <= -60
+    quiet = P.make_chain(stream_config(stream_model))  # a real microphone's floor (-90 dBFS) is not silence
+    quiet.process(3e-5 * np.random.default_rng(5).standard_normal(256 * 20).astype(np.float32))
+    assert quiet.state.any()
+
+
+@pytest.mark.parametrize("mask", ["real", "complex"])
+def test_stream_chain_with_unit_mask_passes_audio_through(mask):
+    """A model that always answers 1 (made by export_model from a zeroed StreamNet with a large bias; for the
+    complex mask a large real part and no imaginary one)."""
     torch = pytest.importorskip("torch")
     import export_model
     import model as M
     import tempfile
     from pathlib import Path
-    net = M.StreamNet(hidden=16).eval()
+    net = M.StreamNet(hidden=16, mask=mask).eval()
     with torch.no_grad():
         net.out.weight.zero_()
         net.out.bias.fill_(30.0)
+        net.out.bias[net.width:] = 0.0  # the imaginary parts (one per model output: bins, or bins and bands)
     path = Path(tempfile.mkdtemp()) / "ones_stream.onnx"
     export_model.export(net, path, export_model.base_metadata(net))
     x = speechlike(1.0, dbfs=-20)
     y = P.denoise_array(x, str(path), model_only=True, low_latency=True)
     assert error_db(y[:-512], x[:-512]) < -60
+
+
+def test_low_latency_brings_its_own_live_cushion_and_block_unless_given():
+    plain, fast = P.parse_args([]), P.parse_args(["--low-latency"])
+    import live_audio
+    assert (plain.out_target_ms, plain.block_ms) == (live_audio.OUT_TARGET_MS, live_audio.BLOCK_MS)
+    assert (fast.out_target_ms, fast.block_ms) == (P.LOW_LATENCY_OUT_TARGET_MS, P.LOW_LATENCY_BLOCK_MS)
+    given = P.parse_args(["--low-latency", "--out-target-ms", "35", "--block-ms=8"])
+    assert (given.out_target_ms, given.block_ms) == (35, 8)
+    assert P.parse_args(["--out-target-ms", "60"]).out_target_ms == 60
 
 
 def test_low_latency_without_its_model_is_one_clear_line(tmp_path):

@@ -107,6 +107,41 @@ def test_average_checkpoints_refuses_different_models(tmp_path):
 
 def test_stream_model_is_within_the_parameter_budget():
     assert M.count_parameters(M.StreamNet()) <= 500_000
+    assert M.count_parameters(M.StreamNet(180, mask="complex")) <= 500_000  # the complex mask's twice the outputs
+    assert M.count_parameters(M.StreamNet(208, bands=48)) <= 500_000  # bands: the weights go to the GRUs
+
+
+def test_erb_bands_keep_the_low_bins_and_share_every_high_bin_out():
+    """The first STREAM_LINEAR_BINS bins map to themselves; above them every bin's weights sum to one and every
+    band holds at least one bin, wider towards 8 kHz; a flat spectrum pools to itself and a band gain of one
+    spreads back to a mask of one."""
+    w = M.erb_bands(257, 48)
+    lin = M.STREAM_LINEAR_BINS
+    assert w.shape == (257, lin + 48)
+    assert torch.equal(w[:lin, :lin], torch.eye(lin)) and not w[:lin, lin:].any() and not w[lin:, :lin].any()
+    assert torch.allclose(w.sum(1), torch.ones(257))
+    width = (w[lin:, lin:] > 0).sum(0)
+    assert width.min() >= 1 and width[-2] > width[0]
+    net = M.StreamNet(32, bands=48)
+    flat = torch.full((1, 257), -3.0)
+    assert torch.allclose(net.features(flat), torch.full((1, lin + 48), -3.0), atol=1e-5)
+    assert torch.allclose(torch.ones(1, lin + 48) @ net.spread, torch.ones(1, 257))
+    with pytest.raises(ValueError, match="bands is 0"):
+        M.StreamNet(32, bands=193)
+
+
+def test_complex_mask_turns_the_phase_and_a_unit_one_gives_the_input_back():
+    """apply_mask multiplies a [.., 2, F] mask in as a complex gain: 1 + 0j is the input, 0 + 1j turns every
+    bin a quarter turn, which the overlap-add hands back as a different waveform of the same energy."""
+    spec = M.stream_frames(torch.randn(1, 8000))
+    one = torch.zeros(*spec.shape[:-1], 2, spec.shape[-1])
+    one[..., 0, :] = 1
+    assert torch.allclose(M.apply_mask(spec, one), spec)
+    quarter = one.flip(-2)
+    turned = M.apply_mask(spec, quarter)
+    assert torch.allclose(turned, spec * 1j) and torch.allclose(turned.abs(), spec.abs())
+    with pytest.raises(ValueError, match="'real' or 'complex'"):
+        M.StreamNet(32, mask="polar")
 
 
 def test_stream_framing_with_unit_mask_gives_the_input_back():
@@ -120,11 +155,12 @@ def test_stream_framing_with_unit_mask_gives_the_input_back():
     assert torch.allclose(out, x[:, :out.shape[1]], atol=1e-5)
 
 
-def test_stream_steps_equal_the_whole_utterance():
+@pytest.mark.parametrize("kind,bands", [("real", 0), ("complex", 0), ("real", 48), ("complex", 48)])
+def test_stream_steps_equal_the_whole_utterance(kind, bands):
     """Frame by frame with the state carried equals one pass over the utterance, over more frames than the
     running mean's chunk (256), from a zero state and from a state left by earlier audio."""
     torch.manual_seed(0)
-    net = M.StreamNet(hidden=32).eval()
+    net = M.StreamNet(hidden=32, mask=kind, bands=bands).eval()
     logmag = torch.randn(2, 300, 257) * 2 - 5
     with torch.no_grad():
         whole = net(logmag)
@@ -139,12 +175,17 @@ def test_stream_steps_equal_the_whole_utterance():
         for t in range(40):
             mask, state = net.step(more[:, t], state)
             assert (mask - cont[:, t]).abs().max() < 1e-5
-    assert whole.min() >= 0 and whole.max() <= 1
+    if kind == "real":
+        assert whole.min() >= 0 and whole.max() <= 1
+    else:
+        assert whole.shape == (2, 300, 2, 257)
+        assert whole.square().sum(2).sqrt().max() < 1  # a complex gain's length: it can only remove
 
 
-def test_stream_model_is_causal():
+@pytest.mark.parametrize("mask,bands", [("real", 0), ("complex", 0), ("real", 48)])
+def test_stream_model_is_causal(mask, bands):
     """Changing frame 50 changes no mask before it."""
-    net = M.StreamNet(hidden=32).eval()
+    net = M.StreamNet(hidden=32, mask=mask, bands=bands).eval()
     a = torch.randn(1, 80, 257)
     b = a.clone()
     b[:, 50] += 3

@@ -1,5 +1,6 @@
 """train.py: the loss terms, a short run that learns, exact resume, fine-tuning, both dev sets, DDP on CPU."""
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -116,8 +117,9 @@ def test_resume_continues_exactly(tiny_corpus, tmp_path, monkeypatch):
               "--mic-colour-prob", "0.5", "--seed", "7"]
     assert train.main(tiny_args(tiny_corpus, tmp_path / "straight", *common, *recipe)) == 0
     assert train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, *recipe, "--max-steps", "4")) == 0  # "killed"
-    # The recipe is not repeated: --resume takes it from last.pt (with the defaults it would mix other data).
-    assert train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, "--resume")) == 0
+    # The recipe is not repeated: --resume takes it from last.pt (with the defaults it would mix other data), and
+    # the length too: without --epochs it finishes the 2-epoch cosine it started on, not one of EPOCHS.
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "split", "--dev-files", "0", "--resume")) == 0
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=False)
     assert b["epoch"] == 2 and b["step"] == 8
@@ -128,6 +130,21 @@ def test_resume_continues_exactly(tiny_corpus, tmp_path, monkeypatch):
         train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, "--resume", "--snr-range-db", "-5", "20"))
     with pytest.raises(SystemExit, match="seed 7, not 1234"):
         train.main(tiny_args(tiny_corpus, tmp_path / "split", *common, "--resume", "--seed", "1234"))
+
+
+def test_resume_with_more_epochs_restarts_the_longer_cosine(tiny_corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--steps-per-epoch", "4", "--dev-files", "0", "--lr", "1e-3", "--lr-min", "1e-5"]
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "ck", *common, "--epochs", "2")) == 0
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "ck", "--resume", "--epochs", "4")) == 0
+    with open(tmp_path / "ck" / "train_log.csv") as f:
+        lr = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+    # The first run ended on the floor; the resumed one follows the 16-step cosine from step 8, as a run started
+    # with --epochs 4 would have, instead of staying on the floor.
+    assert lr[8] == pytest.approx(1e-5)
+    for step in (12, 16):
+        assert lr[step] == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * step / 16)) / 2, rel=1e-6)
+    assert lr[12] > 10 * lr[8]
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tiny_corpus, tmp_path, monkeypatch):
@@ -271,8 +288,8 @@ STREAM = ["--arch", "stream", "--stream-hidden", "32", "--stream-segment-samp", 
 def test_stream_model_learns_and_resumes_as_started(tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "st"
-    assert train.main(tiny_args(tiny_corpus, out, *STREAM, "--epochs", "2", "--steps-per-epoch", "10",
-                                *PLAIN_FLAGS)) == 0
+    assert train.main(tiny_args(tiny_corpus, out, *STREAM, "--stream-bands", "0", "--epochs", "2",
+                                "--steps-per-epoch", "10", *PLAIN_FLAGS)) == 0  # every bin, as models before bands
     rows = read_log(out / "train_log.csv")
     assert float(rows[-1]["val_si_snr"]) > float(rows[0]["val_si_snr"]) + 0.5
     ck = torch.load(out / "best.pt", weights_only=False)
@@ -280,10 +297,48 @@ def test_stream_model_learns_and_resumes_as_started(tiny_corpus, tmp_path, monke
     assert ck["config"]["stft_hop_samp"] == M.STREAM_HOP_SAMP and ck["config"]["hidden"] == 32
     with pytest.raises(SystemExit, match="hidden 32, not 64"):
         train.main(tiny_args(tiny_corpus, out, "--resume", "--epochs", "3", "--stream-hidden", "64"))
+    last = torch.load(out / "last.pt", weights_only=False)  # as made before --stream-mask: real, every bin
+    del last["config"]["mask"], last["config"]["bands"]
+    torch.save(last, out / "last.pt")
     assert train.main(tiny_args(tiny_corpus, out, "--resume", "--epochs", "3", "--steps-per-epoch", "10")) == 0
-    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 3
+    last = torch.load(out / "last.pt", weights_only=False)
+    assert last["epoch"] == 3 and last["config"]["mask"] == "real" and last["config"]["bands"] == 0
     with pytest.raises(SystemExit, match="is a stream model, not unet"):
         train.main(tiny_args(tiny_corpus, tmp_path / "u", "--init-from", str(out / "best.pt")))
+    with pytest.raises(SystemExit, match="--stream-mask real"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "c", *STREAM, "--stream-mask", "complex",
+                             "--init-from", str(out / "best.pt")))
+
+
+def test_complex_mask_on_bands_stream_model_trains_resumes_and_exports(tiny_corpus, tmp_path, monkeypatch):
+    """--stream-mask complex --stream-bands 16: recorded in the recipe, kept on --resume, exported with metadata
+    mask=complex and bands=16 and run by the pipeline (the state holds 65 + 16 running means)."""
+    import export_model
+    import ml_denoiser_pipeline as P
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "cx"
+    flags = [*STREAM, "--stream-mask", "complex", "--stream-bands", "16", "--steps-per-epoch", "4", *PLAIN_FLAGS]
+    assert train.main(tiny_args(tiny_corpus, out, *flags, "--epochs", "1")) == 0
+    config = torch.load(out / "last.pt", weights_only=False)["config"]
+    assert config["mask"] == "complex" and config["bands"] == 16
+    with pytest.raises(SystemExit, match="mask complex, not real"):
+        train.main(tiny_args(tiny_corpus, out, "--resume", "--epochs", "2", "--stream-mask", "real"))
+    with pytest.raises(SystemExit, match="bands 16, not 0"):
+        train.main(tiny_args(tiny_corpus, out, "--resume", "--epochs", "2", "--stream-bands", "0"))
+    assert train.main(tiny_args(tiny_corpus, out, "--resume", "--epochs", "2", "--steps-per-epoch", "4")) == 0
+    onnx_path = tmp_path / "cx.onnx"
+    assert export_model.main(["--checkpoint", str(out / "best.pt"), "--output", str(onnx_path), "--dev", ""]) == 0
+    chain = P.make_chain(P.default_config(model=str(onnx_path)))
+    assert isinstance(chain, P.StreamChain) and chain.complex_mask
+    import onnxruntime as ort
+    meta = ort.InferenceSession(str(onnx_path)).get_modelmeta().custom_metadata_map
+    assert meta["bands"] == "16" and meta["state_size"] == str(M.STREAM_LINEAR_BINS + 16 + 2 * 32)
+    y = chain.process(0.1 * np.random.default_rng(0).standard_normal(4096).astype(np.float32))
+    assert np.isfinite(y).all() and np.abs(y).max() > 0
+    with pytest.raises(SystemExit, match="--stream-mask is real or complex"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "bad", *STREAM, "--stream-mask", "polar"))
+    with pytest.raises(SystemExit, match="--stream-bands"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "bad", *STREAM, "--stream-bands", "500"))
 
 
 def test_stream_refuses_the_unet_noise_floor(tiny_corpus, tmp_path):
