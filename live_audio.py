@@ -13,6 +13,12 @@ After that it never moves: when the chain is late and the output runs dry, the o
 "underrun", counted) and, when audio returns, skips what the silence stood in for and fades back in; when a
 buffer backs up beyond its limit the oldest audio is dropped (a "realign", counted).
 
+The delay is also measured, on PortAudio's clock: each input block carries the ADC time of its first sample, each
+output block the time it will reach the cable, and the positions of the two ring buffers say which input sample
+each output sample came from. The sound server's own buffering moves under load (an xrun in its bridge leaves
+it a block or two deeper), which no counter of ours sees; the servo (SERVO) undoes it by reading the output a
+little faster or slower, by linear interpolation, until the measured delay is back where settling fixed it.
+
 Idle (IDLE, Linux): while no application records from the cable (its monitor, or "Denoised microphone"), the
 devices are closed and the model is not run; the cable then carries silence, the microphone is free and the process
 sleeps. `pactl subscribe` says the moment an app opens it, and the devices reopen. Bypass (A/B): Enter in the
@@ -57,18 +63,28 @@ WARN_INTERVAL_S = 5.0      # [0, 3600] at most one warning of each kind per this
 RETRY_INTERVAL_S = 1.0     # [0.05, 60] how often a lost device is looked for again, s
 DEVICE_STALL_S = 1.5       # [0.1, 60] a device whose callbacks stop this long, s, is treated as lost (sleep, unplug)
 RESAMPLE_QUALITY = "LQ"    # soxr quality when a device refuses 16 kHz: QQ, LQ (least delay), MQ, HQ, VHQ (more delay)
-SETTLE_S = 0.5             # seconds of start-up not counted in settled_* (a chain's startup_ms wins; --settle-s)
+SETTLE_S = 0.5             # settled_* never count the first this many seconds (a chain's startup_ms wins; --settle-s)
 IDLE = True                # Linux: close the devices and skip the model while no app records from the cable
 BYPASS = False             # start in bypass: the raw microphone at the same delay and level (Enter/SIGUSR1 toggle)
 BYPASS_FADE_MS = 10.0      # [0.5, 500] crossfade between denoised and raw audio on a toggle; shorter = may click
+DELAY_WINDOW = 100         # [10, 10000] the delay shown is the median over this many output blocks (1 s at 10 ms blocks)
+DELAY_START_S = 2.0        # [0, 600] the stats line's delay_start_ms is taken this long after the delay was fixed
+MAX_PLAUSIBLE_DELAY_MS = 5000.0  # a meter reading outside 0..this is a host API's bad timestamps, not a delay
+SERVO = True               # hold the measured mic-to-cable delay where it was fixed, by playing the output a little
+                           # faster or slower (the devices' buffering moves under load; this undoes it)
+SERVO_DEADBAND_MS = 1.0    # [0.1, 100] the servo starts when the delay is this far from where it was fixed, ms
+SERVO_TIME_S = 2.0         # [0.2, 60] it closes the gap with this time constant, s; shorter = faster, more audible
+SERVO_MAX_RATE = 0.01      # [0.0001, 0.05] fastest speed change while it does (0.01 = 1 %, a sixth of a semitone)
 # ------------------------------------------------------------------------------------------------------------
 LIVE_FLAGS = ["BLOCK_MS", "DEVICE_LATENCY", "OUT_TARGET_MS", "CUSHION_MARGIN", "OUT_TARGET_MAX_MS", "WARMUP_S",
               "FADE_MS", "SETTLE_DELAY_S", "REANCHOR_MS", "OUT_REALIGN_MS", "IN_REALIGN_MS", "BUFFER_CAP_MS",
               "STATUS_INTERVAL_S", "WARN_INTERVAL_S", "RETRY_INTERVAL_S", "DEVICE_STALL_S", "RESAMPLE_QUALITY",
-              "IDLE", "BYPASS", "BYPASS_FADE_MS"]
+              "IDLE", "BYPASS", "BYPASS_FADE_MS", "DELAY_WINDOW", "DELAY_START_S", "SERVO", "SERVO_DEADBAND_MS",
+              "SERVO_TIME_S", "SERVO_MAX_RATE"]
 
 STATS_PREFIX = "stats:"  # the final summary line starts with this (tests and scripts parse it)
 READY_LINE = "live: running, Ctrl+C stops"  # printed once audio is flowing
+FIXED_LINE = "delay fixed:"  # starts the line printed when settling ends (each time the devices open)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -109,6 +125,15 @@ class RingBuffer:
             out[first:n] = self.buf[:n - first]
         self.read += n
         return n
+
+    def peek_into(self, out):
+        """Consumer: copy the oldest len(out) samples (there must be as many) without consuming them."""
+        n = len(out)
+        start = self.read % self.capacity
+        first = min(n, self.capacity - start)
+        out[:first] = self.buf[start:start + first]
+        if n > first:
+            out[first:n] = self.buf[:n - first]
 
     def skip(self, n):
         """Consumer: drop the n oldest samples (realign)."""
@@ -157,8 +182,11 @@ class LiveEngine:
                  in_realign_ms=IN_REALIGN_MS, buffer_cap_ms=BUFFER_CAP_MS, device_latency=DEVICE_LATENCY,
                  resample_quality=RESAMPLE_QUALITY, settle_delay_s=SETTLE_DELAY_S, fade_ms=FADE_MS,
                  out_target_max_ms=OUT_TARGET_MAX_MS, reanchor_ms=REANCHOR_MS, bypass=BYPASS,
-                 bypass_fade_ms=BYPASS_FADE_MS):
+                 bypass_fade_ms=BYPASS_FADE_MS, delay_window=DELAY_WINDOW, servo=SERVO,
+                 servo_deadband_ms=SERVO_DEADBAND_MS, servo_time_s=SERVO_TIME_S, servo_max_rate=SERVO_MAX_RATE):
         self.chain = chain
+        self.delay_window, self.servo = int(delay_window), servo
+        self.servo_deadband_ms, self.servo_time_s, self.servo_max_rate = servo_deadband_ms, servo_time_s, servo_max_rate
         self.bypass = Bypass(chain.latency_samples, bypass_fade_ms, bypass)
         self.reanchor_ms = reanchor_ms
         self.settle_delay_s, self.fade_ms, self.out_target_max_ms = settle_delay_s, fade_ms, out_target_max_ms
@@ -206,6 +234,19 @@ class LiveEngine:
         self._dropout_since = 0  # output callback count when the current dropout began
         self._settle_calls = int(self.settle_delay_s * 1000 / self.block_ms)
         self.settle_growth_ms = 0.0
+        # The delay meter, on PortAudio's clock: the ADC time of the latest input block's first sample, which input
+        # position the audio at an output ring position came from, and the mic-to-cable delays of recent blocks.
+        self._adc_anchor = None  # (in_ring position, its ADC time in s)
+        self._src_anchor = None  # (out_ring position, in_ring position of the chunk the chain made it from)
+        self._src_lag = (self.chain.latency_samples / SAMPLE_RATE + self._resampler_delay_ms / 1000.0) * self.in_rate
+        self._delays = np.full(self.delay_window, np.nan)
+        self._delay_i = 0
+        self.target_delay_ms = None  # the delay as fixed after settling; the servo holds it there
+        self._fixed_at = None  # the meter's block count when settling ended
+        self.servo_rate = 0.0  # > 0: the output plays this much faster than the input (the delay shrinks)
+        self._phase = 0.0  # fractional read position while the servo stretches
+        self._stretch_t = np.arange(4 * max(1, self.block_ms * self.out_rate // 1000), dtype=np.float64)
+        self._stretch_buf = np.zeros(len(self._stretch_t) + 2, np.float32)
 
     def _set_cushion(self):
         """Output cushion = OUT_TARGET_MS + what arrives in bursts: soxr releases blocks, and a chain that runs a
@@ -252,6 +293,8 @@ class LiveEngine:
         self.in_calls += 1
         if status:
             self.counts["device_xruns"] += 1
+        if time_info is not None:
+            self._adc_anchor = (self.in_ring.written, time_info.inputBufferAdcTime)
         if self.in_ring.write(indata[:, 0]):
             self.counts["overruns"] += 1
         self._wake.set()
@@ -305,7 +348,11 @@ class LiveEngine:
             self.counts["realigns"] += 1
             depth = self._out_target
         if depth >= frames + self._fade:
-            ring.read_into(out[:, 0])
+            if time_info is not None:
+                self._measure_delay(time_info.outputBufferDacTime, ring.read)
+                self._servo_step()
+            if not self.servo_rate or not self._read_stretched(out[:, 0], frames, depth):
+                ring.read_into(out[:, 0])
         else:  # running dry: play what there is, faded out
             got = ring.read_into(out[:depth, 0])
             n = min(self._fade, got)
@@ -324,6 +371,78 @@ class LiveEngine:
             out[:n] *= self._ramp[:n]
         if outdata.shape[1] > 1:
             outdata[:, 1:] = outdata[:, :1]
+
+    def delay_fixed(self):
+        """True once the first SETTLE_DELAY_S of audio are over: from then on running dry is a dropout, and the
+        delay no longer grows."""
+        return self._playing_since is not None and self.out_calls - self._playing_since >= self._settle_calls
+
+    def _measure_delay(self, dac_time, out_pos):
+        """Mic-to-cable delay of the output sample at out_pos, to be played at dac_time: the ADC time of the input
+        sample it came from, found through the two anchors, subtracted. Skips a block when an anchor is missing."""
+        adc, src = self._adc_anchor, self._src_anchor
+        if adc is None or src is None or not dac_time or not adc[1]:  # a host API that leaves the times at 0
+            return
+        source = src[1] + (out_pos - src[0]) * self.in_rate / self.out_rate - self._src_lag
+        delay = 1000.0 * (dac_time - adc[1] - (source - adc[0]) / self.in_rate)
+        if not 0.0 < delay < MAX_PLAUSIBLE_DELAY_MS:  # clocks that are not one clock: no reading, no servo
+            return
+        self._delays[self._delay_i % self.delay_window] = delay
+        self._delay_i += 1
+
+    def delay_ms(self, last=None):
+        """Median mic-to-cable delay of the last DELAY_WINDOW (or `last`) output blocks that carried audio
+        (PortAudio's clocks: the devices' reported buffering included); None before any."""
+        if self._delay_i == 0:
+            return None
+        n = min(self._delay_i, self.delay_window, last or self.delay_window)
+        idx = (self._delay_i - 1 - np.arange(n)) % self.delay_window
+        return float(np.median(self._delays[idx]))
+
+    def _servo_step(self):
+        """Once the delay is fixed, fix the meter's reading as the target; then every tenth block set the speed
+        that closes the gap with SERVO_TIME_S, starting beyond SERVO_DEADBAND_MS and stopping within a quarter
+        of it. A dropout's skip and a realign keep the delay in whole blocks; this keeps it to the sample."""
+        if self._delay_i % 10:
+            return
+        if self.target_delay_ms is None:
+            if self._playing_since is None or self.out_calls - self._playing_since < self._settle_calls:
+                return
+            if self._fixed_at is None:
+                self._fixed_at = self._delay_i
+            if self._delay_i - self._fixed_at >= self.delay_window:  # a window measured wholly after settling
+                self.target_delay_ms = self.delay_ms()
+            return
+        if not self.servo:
+            return
+        error = self.delay_ms(self.delay_window // 2) - self.target_delay_ms
+        if abs(error) < self.servo_deadband_ms / 4 or (not self.servo_rate and abs(error) < self.servo_deadband_ms):
+            self.servo_rate, self._phase = 0.0, 0.0
+            return
+        self.servo_rate = max(-self.servo_max_rate, min(self.servo_max_rate, error / (1000.0 * self.servo_time_s)))
+
+    def _read_stretched(self, out, frames, depth):
+        """Fill out from the ring read 1 + servo_rate times as fast, by linear interpolation; False (nothing read)
+        when the block is larger than the scratch or the ring holds too little."""
+        rate = 1.0 + self.servo_rate
+        if frames > len(self._stretch_t):
+            return False
+        t = self._phase + rate * self._stretch_t[:frames]
+        need = int(t[-1]) + 2
+        # Speeding up never eats the last quarter of the cushion: a shift in the devices' buffering larger than the
+        # cushion would otherwise leave the ring bare, and then every bit of scheduling jitter is a dropout.
+        keep = self._out_target // 4 if rate > 1.0 else 0
+        if need + self._fade + keep > depth:
+            return False
+        buf = self._stretch_buf[:need]
+        self.out_ring.peek_into(buf)
+        i = t.astype(np.int64)
+        frac = (t - i).astype(np.float32)
+        out[:] = buf[i] * (1.0 - frac) + buf[i + 1] * frac
+        end = self._phase + rate * frames
+        self.out_ring.skip(int(end))
+        self._phase = end - int(end)
+        return True
 
     def credit(self, in_samples):
         """Input the processing thread dropped stands for output a dropout still owes."""
@@ -368,6 +487,7 @@ class LiveEngine:
                 in_ring.skip(depth - keep)
                 self.credit(depth - keep)
                 self.counts["realigns"] += 1
+            source = in_ring.read
             n = in_ring.read_into(scratch)
             x = scratch[:n].copy()
             if self.in_resampler is not None:
@@ -385,6 +505,7 @@ class LiveEngine:
             self._levels[3] += len(y)
             if self.out_resampler is not None:
                 y = self.out_resampler.resample_chunk(y)
+            self._src_anchor = (out_ring.written, source)
             if out_ring.write(y):
                 self.counts["overruns"] += 1
             time.sleep(0)  # let the audio callbacks' threads take the GIL between chunks
@@ -471,9 +592,13 @@ def format_status(engine, chain_status, levels):
     gate = chain_status.get("gate_open")
     gate_text = ("gate %3.0f%%" % (100.0 * gate)) if gate is not None else "gate -"
     mode = "BYPASS (raw mic)" if engine.bypass.on else "denoising"
-    return ("%s in %5.1f out %5.1f dBFS %s %s buf %.0f+%.0fms over %d under %d realign %d"
-            % (mode, max(in_db, -99.9), max(out_db, -99.9), gate_text, hop_text, in_ms, out_ms, c["overruns"],
-               c["underruns"], c["realigns"]))
+    delay = engine.delay_ms()
+    delay_text = "delay %.0fms" % delay if delay is not None else "delay -"
+    if engine.servo_rate and engine.target_delay_ms is not None:  # a stall or the devices moved it: on its way back
+        delay_text += " (returning to %.0f)" % engine.target_delay_ms
+    return ("%s in %5.1f out %5.1f dBFS %s %s buf %.0f+%.0fms %s over %d under %d realign %d"
+            % (mode, max(in_db, -99.9), max(out_db, -99.9), gate_text, hop_text, in_ms, out_ms, delay_text,
+               c["overruns"], c["underruns"], c["realigns"]))
 
 
 def parse_stats(text):
@@ -589,7 +714,8 @@ def run_live(chain, args):
     """Stream microphone -> chain -> cable until Ctrl+C (or SIGTERM). Returns the exit code.
 
     Prints the latency and READY_LINE at start, a status line every STATUS_INTERVAL_S unless --quiet, and a final
-    'stats: ...' line (see parse_stats) with the counters, also counted after the first SETTLE_S (settled_*).
+    'stats: ...' line (see parse_stats) with the counters, also counted from when the delay was fixed
+    (settled_*: after SETTLE_DELAY_S of audio and at least SETTLE_S).
     """
     out, err = sys.stdout, sys.stderr
     try:
@@ -614,7 +740,9 @@ def run_live(chain, args):
                         resample_quality=opts["resample_quality"], settle_delay_s=opts["settle_delay_s"],
                         fade_ms=opts["fade_ms"], out_target_max_ms=opts["out_target_max_ms"],
                         reanchor_ms=opts["reanchor_ms"], bypass=opts["bypass"],
-                        bypass_fade_ms=opts["bypass_fade_ms"])
+                        bypass_fade_ms=opts["bypass_fade_ms"], delay_window=opts["delay_window"],
+                        servo=opts["servo"], servo_deadband_ms=opts["servo_deadband_ms"],
+                        servo_time_s=opts["servo_time_s"], servo_max_rate=opts["servo_max_rate"])
     session = _Session(chain, args, out, err, opts["warn_interval_s"])
     engine.warm_up(opts["warmup_s"], opts["cushion_margin"])
     old_handlers = _install_stop_signals()
@@ -622,6 +750,8 @@ def run_live(chain, args):
     watch = None
     started = None
     settled_base = None
+    was_fixed = False
+    fixed_at = delay_start = delay_end = None
     code = 0
     try:
         try:
@@ -663,8 +793,18 @@ def run_live(chain, args):
                 continue
             if engine.error is not None:
                 raise DeviceError("processing failed: %s: %s" % (type(engine.error).__name__, engine.error))
-            if settled_base is None and now - started >= settle_s:
+            fixed = engine.delay_fixed()
+            if fixed and fixed_at is None:
+                fixed_at = now
+            if fixed and not was_fixed:
+                session.say(FIXED_LINE + " running dry is now a faded dropout (the cushion grew %.0f ms while "
+                            "settling)" % engine.settle_growth_ms)
+            was_fixed = fixed
+            # Refills while the delay settles are how it finds the devices' jitter; settled_* count what follows.
+            if settled_base is None and fixed and now - started >= settle_s:
                 settled_base = dict(engine.counts)
+            if delay_start is None and fixed_at is not None and now - fixed_at >= opts["delay_start_s"]:
+                delay_start = engine.delay_ms()
             for i, value in enumerate((engine.in_calls, engine.out_calls)):
                 if value != calls[i]:
                     calls[i], last_call[i] = value, now
@@ -689,13 +829,16 @@ def run_live(chain, args):
         _ignore_stop_signals()
         if watch is not None:
             watch.stop()
+        delay_end = engine.delay_ms()
         engine.close_streams()
         _restore_signals(old_handlers)
         seconds = time.monotonic() - started if started is not None else 0.0
         settled = {k: engine.counts[k] - (settled_base or engine.counts)[k] for k in LiveEngine.COUNTERS}
-        session.say("%s seconds=%.2f %s %s" % (
+        delays = [("delay_start_ms", delay_start), ("delay_end_ms", delay_end)]
+        session.say("%s seconds=%.2f %s %s%s" % (
             STATS_PREFIX, seconds, " ".join("%s=%d" % kv for kv in engine.counts.items()),
-            " ".join("settled_%s=%d" % kv for kv in settled.items())))
+            " ".join("settled_%s=%d" % kv for kv in settled.items()),
+            "".join(" %s=%.2f" % kv for kv in delays if kv[1] is not None)))
     return code
 
 

@@ -11,6 +11,7 @@ underruns, overruns and device xruns after its warm-up, the delay at the start a
 to a fraction of a sample) and every minute between, the drift, and the pipeline's memory at start and end.
 A benchmark, not a test: it prints figures and fails on nothing.
 """
+import argparse
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import soundfile as sf
 
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO / "tests"))
+import live_audio  # noqa: E402
 from sound_server import (CABLE_SINK, CABLE_SOURCE, FAKE_MIC, FAKE_MIC_SINK, GRAPH_RATE_HZ, SoundServer,  # noqa: E402
                           SoundServerError, VirtualMic, ensure_packages)
 
@@ -30,6 +32,7 @@ MINUTES = 10.0          # [0.5, 600] length of the run
 SIGNAL_S = 30.0         # [5, 300] length of the looped test signal; the delay is measured over windows of it
 WINDOW_S = 10.0         # [2, 60] each delay measurement correlates this much audio
 WARMUP_S = 20.0         # [1, 120] not measured: the pipeline's start-up, and PipeWire's ALSA bridge shifting its buffering once
+                        # (never less than until the pipeline has fixed its delay: see first_window_s)
 MAX_DELAY_MS = 1000.0   # [50, 5000] the delay search range
 PIPELINES = {"ml": "ml_denoiser_pipeline.py", "dsp": "dsp_filter_pipeline.py"}
 
@@ -94,21 +97,26 @@ def run(args):
         wav = work / "signal.wav"
         sf.write(wav, speechlike(args.signal_s), GRAPH_RATE_HZ)
         recorder = server.record("probe.monitor", str(work / "probe.raw"), channels=2)
+        recording_since = time.monotonic()
         env = dict(server.env, PYTHONUNBUFFERED="1")
         script = REPO / PIPELINES[args.pipeline]
-        pipeline = subprocess.Popen([sys.executable, str(script), "--mic", FAKE_MIC, "--cable", CABLE_SINK,
-                                     "--quiet", "--no-idle", *args.extra], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True,
-                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        log_path = work / "pipeline.log"  # a file, not a pipe: an hour of status lines would fill a pipe and block it
+        with open(log_path, "w") as log:
+            pipeline = subprocess.Popen([sys.executable, str(script), "--mic", FAKE_MIC, "--cable", CABLE_SINK,
+                                         "--status-interval-s", "1", "--no-idle", *args.extra], env=env, cwd=REPO,
+                                        stdout=log, stderr=subprocess.STDOUT,
+                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         procs.append(pipeline)
         if args.hog:
             procs.append(hog())
         started = time.monotonic()
         player = None
-        rss_start = None
+        rss_start = fixed_s = None
         while time.monotonic() - started < args.minutes * 60:
             if pipeline.poll() is not None:
-                raise SystemExit(f"error: the pipeline exited early:\n{pipeline.stdout.read()}")
+                raise SystemExit(f"error: the pipeline exited early:\n{log_path.read_text(errors='replace')[-4000:]}")
+            if fixed_s is None and live_audio.FIXED_LINE in log_path.read_text(errors="replace"):
+                fixed_s = time.monotonic() - recording_since  # in the recording's time, to 0.1 s
             if player is None or player.poll() is not None:
                 player = server.play(str(wav), FAKE_MIC_SINK)
             if rss_start is None and time.monotonic() - started > args.warmup_s:
@@ -116,7 +124,8 @@ def run(args):
             time.sleep(0.1)
         rss_end = rss_mb(pipeline.pid)
         pipeline.send_signal(signal.SIGINT)
-        out, _ = pipeline.communicate(timeout=30)
+        pipeline.wait(timeout=30)
+        out = log_path.read_text(errors="replace")
         player.terminate()
         audio = SoundServer.stop_recording(recorder)
     finally:
@@ -127,15 +136,39 @@ def run(args):
     if args.keep:
         np.save(work / "probe.npy", audio)
         print(f"recording kept: {work / 'probe.npy'}")
-    report(args, out, audio, rss_start, rss_end)
+    report(args, out, audio, rss_start, rss_end, first_window_s(args.warmup_s, fixed_s, args.extra))
     return 0
 
 
-def report(args, out, audio, rss_start, rss_end):
+def first_window_s(warmup_s, fixed_s, extra=()):
+    """Where in the recording the delay is first measured: after the warm-up, and never before the moment the
+    pipeline's own meter takes its delay_start_ms (DELAY_START_S, or the pipeline's --delay-start-s, after it said
+    its delay was fixed at fixed_s: while it settles, a dry cushion refills and grows the delay by design)."""
+    if fixed_s is None:
+        return warmup_s
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    flags.add_argument("--delay-start-s", type=float, default=live_audio.DELAY_START_S)
+    after = flags.parse_known_args(list(extra))[0].delay_start_s
+    return max(warmup_s, fixed_s + after)
+
+
+def underruns_by_minute(out):
+    """[(minute, underruns in it)] where any, from the status lines the pipeline prints once a second (the n-th
+    line is about n seconds after the devices started)."""
+    counts = [int(line.split(" under ")[1].split()[0]) for line in out.splitlines()
+              if line.startswith(("denoising ", "BYPASS ")) and " under " in line]
+    per_minute = {}
+    for i, (before, now) in enumerate(zip([0] + counts, counts)):
+        if now > before:
+            per_minute[(i + 1) // 60] = per_minute.get((i + 1) // 60, 0) + now - before
+    return sorted(per_minute.items())
+
+
+def report(args, out, audio, rss_start, rss_end, first_s):
     stats = next((line for line in out.splitlines() if line.startswith("stats:")), "stats: (none)")
     settled = dict(kv.split("=") for kv in stats.split()[1:] if kv.startswith("settled_"))
     rate, win = GRAPH_RATE_HZ, int(args.window_s * GRAPH_RATE_HZ)
-    first = int(args.warmup_s * rate)
+    first = int(first_s * rate)
     starts = list(range(first, len(audio) - win, 60 * rate)) or [first]
     trace = [(s / rate, delay_ms(audio[s:s + win, 0], audio[s:s + win, 1], max_ms=args.max_delay_ms)) for s in starts]
     last = len(audio) - win - rate
@@ -145,11 +178,20 @@ def report(args, out, audio, rss_start, rss_end):
     print(f"soak: {args.pipeline} pipeline, {len(audio) / rate / 60:.1f} min recorded"
           + (", one core busy (a busy loop on CPU 0)" if args.hog else ""))
     print("pipeline: " + " ".join(line for line in out.splitlines() if line.startswith(("latency:", "output cushion"))))
+    by_minute = underruns_by_minute(out)
+    if by_minute:
+        print("underruns by minute (where any): " + ", ".join(f"{m} min {n}" for m, n in by_minute))
     print(f"after warm-up: underruns={settled.get('settled_underruns', '?')} "
           f"overruns={settled.get('settled_overruns', '?')} realigns={settled.get('settled_realigns', '?')} "
           f"device_xruns={settled.get('settled_device_xruns', '?')}")
+    print(f"delay measured from {first_s:.1f} s of the recording (warm-up {args.warmup_s:g} s, or until the pipeline's "
+          f"delay was fixed)")
     print("delay by minute: " + ", ".join(f"{t / 60:.0f} min {d:.2f} ms" for t, d in trace))
     print(f"delay at start: {trace[0][1]:.2f} ms, at end: {end:.2f} ms, drift: {end - trace[0][1]:+.2f} ms")
+    own = live_audio.parse_stats(out) or {}
+    if "delay_start_ms" in own and "delay_end_ms" in own:
+        print(f"the pipeline's own delay meter: {own['delay_start_ms']:.2f} ms after settling, "
+              f"{own['delay_end_ms']:.2f} ms at the end")
     print(f"memory (RSS): {rss_start:.1f} MB after warm-up, {rss_end:.1f} MB at the end")
 
 

@@ -86,7 +86,10 @@ class SoundServer:
         self.root = tempfile.mkdtemp(prefix="denoiser-sound-")
         self.runtime_dir = os.path.join(self.root, "run")
         self.config_dir = os.path.join(self.root, "config")
+        # pipewire-pulse stats run/pulse, then mkdirs it and fails on EEXIST; the pactl that polls for it
+        # meanwhile creates the same folder, so it must exist before either starts.
         os.makedirs(self.runtime_dir, mode=0o700)
+        os.mkdir(os.path.join(self.runtime_dir, "pulse"), mode=0o700)
         os.makedirs(os.path.join(self.config_dir, "pipewire", "pipewire.conf.d"))
         with open(os.path.join(self.config_dir, "pipewire", "pipewire.conf.d", "10-test-rate.conf"), "w") as f:
             f.write(RATE_DROP_IN)

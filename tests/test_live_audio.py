@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import devices  # noqa: E402
+from dsp import process_offline as dsp_process_offline  # noqa: E402
 import live_audio  # noqa: E402
 from sound_server import FAKE_MIC, FAKE_MIC_SINK, SoundServer  # noqa: E402
 
@@ -256,6 +257,103 @@ def test_warm_up_sizes_the_cushion_once_for_a_chain_that_runs_once_per_hop():
     assert np.array_equal(y[tail], x[tail.start - last:tail.stop - last]), "the last half second is clean"
 
 
+class _Times:
+    """What PortAudio hands a callback as time_info (seconds on the streams' shared clock)."""
+
+    def __init__(self, adc=0.0, dac=0.0):
+        self.inputBufferAdcTime, self.outputBufferDacTime, self.currentTime = adc, dac, adc
+
+
+def _clocked(engine, x, out_device_s):
+    """Feed x through the engine in 10 ms blocks on a shared device clock, waiting for the chain after each input
+    block; out_device_s(n) is what the output device buffers at block n. Returns (played blocks, ring depths)."""
+    indata, outdata, played, depths = np.zeros((160, 1), np.float32), np.zeros((160, 1), np.float32), [], []
+    engine.start_processing()
+    try:
+        for n in range(len(x) // 160):
+            indata[:, 0] = x[n * 160:(n + 1) * 160]
+            target = engine.out_ring.written + 160
+            engine.on_input(indata, 160, _Times(adc=n * 0.01), 0)
+            deadline = time.monotonic() + 5
+            while engine.out_ring.written < target and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            engine.on_output(outdata, 160, _Times(adc=n * 0.01, dac=n * 0.01 + out_device_s(n)), 0)
+            played.append(outdata[:, 0].copy())
+            depths.append(engine.out_ring.depth())
+    finally:
+        engine.stop_processing()
+    return played, depths
+
+
+def test_the_servo_keeps_a_quarter_of_the_cushion_when_the_devices_add_more_than_it_holds():
+    """The output device buffers 45 ms more (a server-side shift) on a 20 ms cushion: the servo may read faster
+    only while a quarter of the cushion stays after the read, so the delay stays above target but the ring keeps a
+    margin for jitter instead of running bare (every late callback then a dropout)."""
+    x = (0.3 * np.sin(2 * np.pi * 220 * np.arange(6 * RATE) / RATE)).astype(np.float32)
+    engine = live_audio.LiveEngine(DelayChain(320), out_target_ms=20, settle_delay_s=0.5, servo_time_s=0.5)
+    depths = _clocked(engine, x, lambda n: 0.02 if n < 300 else 0.065)[1]
+    assert engine.servo_rate > 0 and engine.delay_ms() > engine.target_delay_ms + 10  # it wanted more
+    assert min(depths[400:]) >= engine._fade + engine._out_target // 4, min(depths[400:])
+    assert engine.counts["underruns"] == engine.counts["realigns"] == 0
+
+
+def test_delay_meter_reads_the_delay_and_the_servo_undoes_what_the_devices_added():
+    """Devices clocked at 10 ms blocks: the output device first buffers 20 ms, then 25 ms more (what an xrun in
+    the sound server's bridge leaves behind). The meter reads mic-to-cable delay from PortAudio's timestamps as
+    the audio itself shows it; the servo then plays the output up to 1 % faster until the delay is back where it
+    was fixed, without a dropout or a click."""
+    t = np.arange(14 * RATE) / RATE
+    x = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    x[::997] += 0.2  # marks that make the lag unambiguous
+    engine = live_audio.LiveEngine(DelayChain(320), out_target_ms=60, settle_delay_s=0.5, servo_time_s=0.5)
+    seen = {}
+
+    def out_device_s(n):
+        if n == 400:
+            seen["before_jump"] = engine.delay_ms()  # after block 399 played
+        return 0.020 if n < 400 else 0.045
+    played = _clocked(engine, x, out_device_s)[0]
+    before_jump = seen["before_jump"]
+    y = np.concatenate(played)
+    first = _lag(x[RATE:2 * RATE], y[RATE:2 * RATE + 4000])
+    assert before_jump == pytest.approx(1000 * first / RATE + 20, abs=0.5), "the meter reads the true delay"
+    assert engine.target_delay_ms == pytest.approx(before_jump, abs=0.5)
+    tail = slice(len(y) - RATE, len(y))
+    last = _lag(x, np.concatenate([np.zeros(tail.start, np.float32), y[tail]]), max_lag=2 * RATE)
+    assert 1000 * last / RATE + 45 == pytest.approx(engine.target_delay_ms, abs=1.0), "back where it was fixed"
+    assert engine.delay_ms() == pytest.approx(engine.target_delay_ms, abs=1.0) and engine.servo_rate == 0.0
+    assert engine.counts["underruns"] == engine.counts["realigns"] == engine.counts["overruns"] == 0
+    # No click while it stretched: the sine moves at most 2 pi 220 / 16000 x 0.3 per sample, the marks aside.
+    steady = np.diff(y[RATE:])
+    assert np.mean(np.abs(steady) > 0.3 * 2 * np.pi * 220 / RATE * 1.05) < 0.01
+
+
+def test_a_host_api_without_timestamps_leaves_the_delay_alone():
+    """Host APIs that report 0 for the buffer times (some Windows ones): no meter reading, so no servo; the audio
+    passes exactly as without one."""
+    rng = np.random.default_rng(9)
+    x = (0.1 * rng.standard_normal(2 * RATE)).astype(np.float32)
+    engine = live_audio.LiveEngine(DelayChain(320), out_target_ms=30, settle_delay_s=0.2)
+    indata, outdata, played = np.zeros((160, 1), np.float32), np.zeros((160, 1), np.float32), []
+    engine.start_processing()
+    try:
+        for n in range(len(x) // 160):
+            indata[:, 0] = x[n * 160:(n + 1) * 160]
+            target = engine.out_ring.written + 160
+            engine.on_input(indata, 160, _Times(), 0)
+            deadline = time.monotonic() + 5
+            while engine.out_ring.written < target and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            engine.on_output(outdata, 160, _Times(adc=n * 0.01 + 3.0, dac=0.0), 0)
+            played.append(outdata[:, 0].copy())
+    finally:
+        engine.stop_processing()
+    y = np.concatenate(played)
+    assert engine.delay_ms() is None and engine.target_delay_ms is None and engine.servo_rate == 0.0
+    lag = _lag(x[:RATE], y[:RATE + 4000])
+    assert np.array_equal(y[lag + 1000:], x[1000:len(y) - lag])
+
+
 def test_output_underrun_gives_silence_not_stale_audio():
     engine = live_audio.LiveEngine(DelayChain(0), out_target_ms=10)
     engine.out_ring.write(np.full(320, 0.5, np.float32))
@@ -476,11 +574,18 @@ def speech_wav(tmp_path_factory):
 
 
 def _aligned_lag(reference, live, max_lag=RATE):
-    """Integer lag of live behind reference (the private graph runs at 16 kHz, so no fractional delay)."""
+    """Integer lag of live behind reference (the private graph runs at 16 kHz, so no fractional delay). The
+    correlation at each lag is divided by the energy of the live stretch it covers: raw, a quiet reference window
+    (a pause the model turned down) matches a loud stretch of live at a wrong lag better than itself at the true one."""
     from scipy.signal import correlate
     cc = correlate(live, reference, mode="full", method="fft")
     mid = len(reference) - 1
-    return int(np.argmax(cc[mid:mid + max_lag]))
+    cc = cc[mid:mid + max_lag]
+    energy = np.concatenate([[0.0], np.cumsum(np.square(live, dtype=np.float64))])
+    n = len(reference)
+    k = np.arange(len(cc))
+    norm = np.sqrt(energy[np.minimum(k + n, len(live))] - energy[k]) + 1e-9
+    return int(np.argmax(cc / norm))
 
 
 def _active_span(x, threshold=1e-4):
@@ -489,15 +594,21 @@ def _active_span(x, threshold=1e-4):
     return idx[0], idx[-1] + 1
 
 
-@pytest.mark.parametrize("script", ["ml_denoiser_pipeline.py", "dsp_filter_pipeline.py"])
-def test_live_pipeline_matches_file_mode(script, sound_server, fake_mic, cable, probe, speech_wav):
+@pytest.mark.parametrize("script, flags", [("ml_denoiser_pipeline.py", []),
+                                           ("ml_denoiser_pipeline.py", ["--low-latency"]),
+                                           ("dsp_filter_pipeline.py", [])],
+                         ids=["ml", "ml-low-latency", "dsp"])
+def test_live_pipeline_matches_file_mode(script, flags, sound_server, fake_mic, cable, probe, speech_wav):
     """10 s of noisy speech through the live pipeline: same audio as file mode, the documented latency, and
     no over/underruns once settled."""
     import importlib
     module = importlib.import_module(script[:-3])
+    low_latency = "--low-latency" in flags
     # The shipped denoiser.onnx: a random-weight model masks almost uniformly, and then the cable would
     # correlate with the raw microphone as well as with file mode, and prove nothing.
-    live = _live(sound_server, [REPO / script, "--mic", FAKE_MIC, "--quiet", "--no-idle"])  # the probe is no app
+    # Status lines twice a second, so that a failure shows when the buffers ran low and what the delay did.
+    live = _live(sound_server, [REPO / script, *flags, "--mic", FAKE_MIC, "--status-interval-s", "0.5",
+                                "--no-idle"])  # the probe is no app
     live.wait_for(live_audio.READY_LINE)
     player = sound_server.play(str(speech_wav), FAKE_MIC_SINK)
     assert player.wait(30) == 0, player.stderr.read()
@@ -509,6 +620,7 @@ def test_live_pipeline_matches_file_mode(script, sound_server, fake_mic, cable, 
 
     stats = live_audio.parse_stats(out)
     assert stats is not None, out
+    assert live_audio.FIXED_LINE in out, "10 s of audio outlast the settling:\n" + out
     # One underrun is allowed: the cushion covers the chain's repeated slow calls, not a one-off stall of the
     # whole machine (a loaded 2-core CI box stalled the process for >54 ms once in ~10 runs). A chain that
     # cannot keep up underruns at every hop, dozens of times in 10 s.
@@ -519,23 +631,25 @@ def test_live_pipeline_matches_file_mode(script, sound_server, fake_mic, cable, 
     assert stats["device_losses"] == 0
 
     mic, cabled = recording[:, 0], recording[:, 1]
-    reference = module.denoise_array(mic)
+    reference = module.denoise_array(mic, low_latency=True) if low_latency else module.denoise_array(mic)
+    algorithm_ms = module.latency_ms(module.default_config(low_latency=True)) if low_latency else module.latency_ms()
     start, stop = _active_span(mic)
-    corr, lags, raw, _ = _piecewise_match(reference[start:stop], cabled[start:], mic[start:stop])
+    corr, lags, raw = _piecewise_match(reference[start:stop], cabled[start:], mic[start:stop])
     latency_ms = 1000.0 * float(np.median(lags)) / RATE
-    print("%s live: correlation %.4f (with the raw microphone %.4f), latency %.1f ms (algorithm %.1f ms), "
-          "%d lag change(s), %s" % (script, corr, raw, latency_ms, module.latency_ms(),
+    print("%s %s live: correlation %.4f (with the raw microphone %.4f), latency %.1f ms (algorithm %.1f ms), "
+          "%d lag change(s), %s" % (script, " ".join(flags), corr, raw, latency_ms, algorithm_ms,
                                     np.count_nonzero(np.diff(lags)), out.strip().splitlines()[-1]))
     assert corr >= 0.9
     assert corr > raw + 0.01, "the cable must carry the processed signal, not the microphone passed through"
-    assert abs(latency_ms - module.latency_ms()) <= 100
+    assert abs(latency_ms - algorithm_ms) <= 100
+    if low_latency:
+        assert latency_ms <= 80, "the low-latency chain promises at most 80 ms from microphone to cable"
 
 
 def _piecewise_match(reference, live, raw, window=RATE // 2, min_windows=8):
     """Correlation of live with reference after aligning each half second on its own (a loaded test machine
     can make the sound server drop a few samples unannounced, which shifts everything after it), the lag of
-    each window, the same correlation with the raw microphone at those lags, and each window's own
-    correlation with reference (a drop inside a window splits that one window)."""
+    each window, and the same correlation with the raw microphone at those lags."""
     ref_parts, live_parts, raw_parts, lags = [], [], [], []
     for begin in range(0, len(reference) - window + 1, window):
         seg = reference[begin:begin + window]
@@ -552,8 +666,39 @@ def _piecewise_match(reference, live, raw, window=RATE // 2, min_windows=8):
     joined = np.concatenate(live_parts)
     corr = np.corrcoef(np.concatenate(ref_parts), joined)[0, 1]
     raw_corr = np.corrcoef(np.concatenate(raw_parts), joined)[0, 1]
-    each = np.array([np.corrcoef(r, v)[0, 1] for r, v in zip(ref_parts, live_parts)])
-    return corr, np.array(lags), raw_corr, each
+    return corr, np.array(lags), raw_corr
+
+
+def _short_window_match(reference, live, window=RATE // 25, max_lag=RATE):
+    """Each 40 ms of reference found in live on its own: the best normalised correlation over lags 0..max_lag
+    and that lag, per window (near-silent windows left out). The private sound server now and then shifts a
+    stream by 4-12 ms, or garbles a few tens of ms, with no counter of ours moving (docs/EXPERIMENTS.md); on
+    short windows such an event costs the few it touches, while a wrong path (other audio, a wrong rate) fails
+    nearly all."""
+    from scipy.signal import correlate
+    each, lags = [], []
+    for begin in range(0, len(reference) - window + 1, window):
+        seg = reference[begin:begin + window].astype(np.float64)
+        energy = np.sqrt(np.sum(seg ** 2))
+        if energy / np.sqrt(window) < 1e-4:
+            continue
+        area = live[begin:begin + window + max_lag].astype(np.float64)
+        if len(area) < window:
+            break
+        dots = correlate(area, seg, mode="valid", method="fft")
+        power = np.concatenate([[0.0], np.cumsum(area ** 2)])
+        norms = np.sqrt(np.maximum(power[window:] - power[:-window], 0.0))
+        score = np.where(norms > 0.01 * energy, dots / (energy * np.maximum(norms, 1e-30)), 0.0)
+        best = int(np.argmax(score))
+        each.append(score[best])
+        lags.append(best)
+    return np.array(each), np.array(lags)
+
+
+def _match_report(each, lags, out):
+    """What a failed window-by-window match shows: each window's correlation and lag, and the pipeline's lines
+    (status lines say whether the servo was moving the delay, "returning to")."""
+    return "windows %s\nlags (samples) %s\n%s" % (np.round(each, 3).tolist(), lags.tolist(), out)
 
 
 def test_recovers_when_the_microphone_vanishes_and_returns(sound_server, fake_mic, cable, probe, tmp_path):
@@ -562,8 +707,11 @@ def test_recovers_when_the_microphone_vanishes_and_returns(sound_server, fake_mi
     rng = np.random.default_rng(4)
     import soundfile as sf
     noise = tmp_path / "noise.wav"
-    sf.write(noise, (0.1 * rng.standard_normal(7 * RATE)).astype(np.float32), RATE)
-    live = _live(sound_server, [script, "--mic", FAKE_MIC, "--quiet", "--retry-interval-s", "0.5", "--no-idle"])
+    sf.write(noise, (0.1 * rng.standard_normal(20 * RATE)).astype(np.float32), RATE)
+    # --no-servo: after a shift in the sound server's buffering the servo plays up to 1 % faster or slower for
+    # seconds, on purpose, and no window would then match sample for sample (its own tests are offline, above).
+    live = _live(sound_server, [script, "--mic", FAKE_MIC, "--status-interval-s", "0.5", "--retry-interval-s", "0.5",
+                                "--no-idle", "--no-servo"])
     live.wait_for(live_audio.READY_LINE)
     player = sound_server.play(str(noise), FAKE_MIC_SINK)
     time.sleep(1.0)
@@ -572,7 +720,8 @@ def test_recovers_when_the_microphone_vanishes_and_returns(sound_server, fake_mi
     time.sleep(1.0)
     fake_mic.add_source()
     live.wait_for("resumed", timeout=10)
-    time.sleep(2.0)
+    live.wait_for(live_audio.FIXED_LINE, timeout=15)  # reopened devices settle again: refills there shift the cable
+    time.sleep(3.0)
     code, out, err = live.stop()
     player.terminate()
     player.wait(10)
@@ -580,15 +729,15 @@ def test_recovers_when_the_microphone_vanishes_and_returns(sound_server, fake_mi
     assert code == 0, err
     stats = live_audio.parse_stats(out)
     assert stats["device_losses"] == 1, out
-    # In the last 1.5 s before the stop, the cable carries the microphone again (delayed, unchanged). White
-    # noise from anything else would correlate near 0. CI once saw a loaded machine drop samples inside one
-    # quarter-second window (joined correlation 0.944), so each window is judged alone and one may be split.
+    # In the last 2.5 s before the stop (after the re-opened devices' delay was fixed), the cable carries the
+    # microphone again, delayed and unchanged, except where the sound server garbled a few windows (see
+    # _short_window_match). White noise from anything else would correlate near 0.
     mic, cabled = recording[:, 0], recording[:, 1]
     _, stop = _active_span(cabled)
-    start = stop - 2 * RATE
-    _, lags, _, each = _piecewise_match(mic[start:stop - RATE // 2], cabled[start:], mic[start:stop - RATE // 2],
-                                        window=RATE // 4, min_windows=4)
-    assert np.sum(each > 0.99) >= len(each) - 1, each
+    start, stop = stop - 5 * RATE // 2, stop - RATE // 2
+    each, lags = _short_window_match(mic[start:stop], cabled[start:])
+    assert len(each) >= 40, "too little audio reached the cable"
+    assert np.mean(each > 0.99) >= 0.8, _match_report(each, lags, out)
 
 
 def test_device_that_refuses_16k_is_opened_at_its_rate_and_resampled(sound_server, fake_mic, cable, probe,
@@ -601,13 +750,14 @@ def test_device_that_refuses_16k_is_opened_at_its_rate_and_resampled(sound_serve
     script = tmp_path / "standin.py"
     script.write_text(STANDIN)
     live = _live(sound_server, [script, "--mic", "mic48k", "--cable", "cable44k", "--status-interval-s", "0.5",
-                                "--no-idle"],
+                                "--no-idle", "--no-servo"],  # as in the recovery test: no deliberate speed change
                  {"ALSA_CONFIG_PATH": "/usr/share/alsa/alsa.conf:%s" % conf})
     live.wait_for(live_audio.READY_LINE)
     out_so_far = "".join(live.out)
     assert "48000 Hz" in out_so_far and "44100 Hz" in out_so_far, out_so_far
     player = sound_server.play(str(speech_wav), FAKE_MIC_SINK)
-    time.sleep(4.0)
+    live.wait_for(live_audio.FIXED_LINE, timeout=15)  # settled_* count from here: refills before it find the jitter
+    time.sleep(3.0)
     player.terminate()
     player.wait(5)
     code, out, err = live.stop()
@@ -618,17 +768,20 @@ def test_device_that_refuses_16k_is_opened_at_its_rate_and_resampled(sound_serve
     status = [line for line in out.splitlines() if line.startswith("denoising in ")]
     assert len(status) >= 6, "a status line about twice a second:\n" + out
     assert re.match(r"denoising in +-?\d+\.\d out +-?\d+\.\d dBFS gate 100% hop 0\.1/10ms buf \d+\+\d+ms "
-                    r"over \d+ under \d+ realign \d+$", status[-1]), status[-1]
+                    r"delay \d+ms( \(returning to \d+\))? over \d+ under \d+ realign \d+$", status[-1]), status[-1]
     # Two resamplers (PipeWire's and soxr's) blur the top octave: compare below 6 kHz.
     from scipy.signal import butter, sosfiltfilt
     sos = butter(8, 6000, fs=RATE, output="sos")
     mic, cabled = sosfiltfilt(sos, recording[:, 0]), sosfiltfilt(sos, recording[:, 1])
-    start, stop = _active_span(recording[:, 0])
-    corr, lags, _, each = _piecewise_match(mic[start:stop], cabled[start:], mic[start:stop], min_windows=6)
-    print("resampled live path: correlation %.4f, latency %.1f ms" % (corr, 1000.0 * np.median(lags) / RATE))
-    # Judged window by window, one of which may be split by a drop (see _piecewise_match): on a loaded machine
-    # one run joined to 0.918 with no over- or underrun counted, while every later run scored 1.0000.
-    assert np.sum(each > 0.95) >= len(each) - 1, each
+    # The last 2.5 s the microphone played lie after the delay was fixed (the player stopped 3 s after it); before
+    # it, settling refills move the delay on purpose. The final quarter second may not have reached the cable.
+    _, stop = _active_span(recording[:, 0])
+    start, stop = stop - 5 * RATE // 2, stop - RATE // 4
+    each, lags = _short_window_match(mic[start:stop], cabled[start:])
+    print("resampled live path: %.0f %% of 40 ms windows match, latency %.1f ms"
+          % (100 * np.mean(each > 0.95), 1000.0 * np.median(lags) / RATE))
+    assert len(each) >= 40, "too little audio reached the cable"
+    assert np.mean(each > 0.95) >= 0.8, _match_report(each, lags, out)
 
 
 def _run_standin(server, tmp_path, *argv):
@@ -748,36 +901,91 @@ def test_idle_while_no_app_records_and_back_within_200_ms(script, sound_server, 
     assert back_ms <= 200, back_ms
 
 
-def test_bypass_is_the_raw_microphone_at_the_same_delay(sound_server, fake_mic, cable, probe, speech_wav):
-    """Denoised for the first half, SIGUSR1, then bypassed: the cable follows file mode at lag L, then the raw
-    microphone at the same lag L and level."""
+def test_bypass_is_the_raw_microphone_at_the_same_delay(sound_server, fake_mic, cable, probe, speech_wav, tmp_path):
+    """SIGUSR1 four times, 3 s apart, over 20 s of noisy speech: the cable alternates between file mode's output
+    and the raw microphone at the same level, and across each switch the lag stays where it was (to the
+    sample: test_bypass_delay_is_each_chains_own below)."""
+    import soundfile as sf
     import ml_denoiser_pipeline as module
+    speech, rate = sf.read(speech_wav, dtype="float32")
+    long_wav = tmp_path / "long.wav"
+    sf.write(long_wav, np.tile(speech, 2), rate)
     live = _live(sound_server, [REPO / "ml_denoiser_pipeline.py", "--mic", FAKE_MIC, "--quiet", "--no-idle"])
     live.wait_for(live_audio.READY_LINE)
-    player = sound_server.play(str(speech_wav), FAKE_MIC_SINK)
-    time.sleep(5.0)
-    live.proc.send_signal(signal.SIGUSR1)
-    assert player.wait(30) == 0, player.stderr.read()
+    player = sound_server.play(str(long_wav), FAKE_MIC_SINK)
+    time.sleep(1.0)
+    for _ in range(4):
+        time.sleep(3.0)
+        live.proc.send_signal(signal.SIGUSR1)
+    assert player.wait(60) == 0, player.stderr.read()
     time.sleep(0.5)
     code, out, err = live.stop()
     recording = SoundServer.stop_recording(probe)
     assert code == 0, err
-    assert "bypass on: the raw microphone" in out, out
+    assert out.count("bypass on: the raw microphone") == 2 and out.count("bypass off: denoising") == 2, out
     mic, cabled = recording[:, 0], recording[:, 1]
     start, stop = _active_span(mic)
-    half = start + 4 * RATE  # well before the switch (the player started after READY, 5 s before SIGUSR1)
     reference = module.denoise_array(mic)
-    corr, lags, raw, _ = _piecewise_match(reference[start:half], cabled[start:half + RATE], mic[start:half],
-                                          min_windows=6)
-    tail = start + 6 * RATE  # well after it
-    b_corr, b_lags, _, _ = _piecewise_match(mic[tail:stop], cabled[tail:], mic[tail:stop], min_windows=6)
-    lag = int(np.median(lags))
-    level_db = 20 * np.log10(np.std(cabled[tail + lag:stop + lag]) / np.std(mic[tail:stop]))
-    print("denoised: corr %.3f lag %d; bypassed: corr %.4f lag %d, level %+.2f dB"
-          % (corr, lag, b_corr, int(np.median(b_lags)), level_db))
-    assert corr >= 0.9 and b_corr >= 0.99
-    assert abs(int(np.median(b_lags)) - lag) <= 2, (lags, b_lags)
-    assert abs(level_db) < 0.5
+    # Quarter-second windows, each aligned on its own against both candidates: the private PipeWire sometimes
+    # moves a stream's rate by 1-2 % for a second or so (docs/EXPERIMENTS.md), and the servo moves it back.
+    window = RATE // 4
+    states, lags, levels = [], [], []
+    for begin in range(start, stop - window - RATE, window):
+        found = []
+        for source in (reference, mic):
+            seg = source[begin:begin + window]
+            lag = _aligned_lag(seg, cabled[begin:begin + window + RATE], max_lag=RATE)
+            got = cabled[begin + lag:begin + lag + window]
+            silent = np.std(got) == 0 or np.std(seg) == 0  # the cable's start and end
+            found.append((0.0 if silent else np.corrcoef(seg, got)[0, 1], lag, np.std(got) / max(np.std(seg), 1e-9)))
+        (c_den, lag_den, _), (c_raw, lag_raw, gain_raw) = found
+        if c_raw > 0.98:
+            states.append("B"), lags.append(lag_raw), levels.append(20 * np.log10(gain_raw))
+        elif c_den > 0.85 and c_raw < 0.95:
+            states.append("D"), lags.append(lag_den), levels.append(None)
+        else:  # straddles a switch, a dropped block or a shift of the sound server's
+            states.append("-"), lags.append(None), levels.append(None)
+    kept = [i for i, s in enumerate(states) if s != "-"]
+    runs = [states[i] for j, i in enumerate(kept) if j == 0 or states[kept[j - 1]] != states[i]]
+    switches = [(kept[j - 1], i) for j, i in enumerate(kept) if j and states[kept[j - 1]] != states[i]]
+    steps = [lags[i] - lags[h] for h, i in switches]
+    bypassed_db = [v for v in levels if v is not None]
+    print("%s\nlag steps across the switches %s; bypassed level %+.2f dB\n%s"
+          % ("".join(states), steps, np.median(bypassed_db), out.strip().splitlines()[-1]))
+    assert runs == ["D", "B", "D", "B", "D"], "".join(states)
+    # Within 10 ms at three of the four: what the servo (at most 1 %) and the server's own shifts (4-12 ms, now
+    # and then, uncounted) can move between two windows a quarter second either side of a switch; a bypass at
+    # the wrong delay is off by the chain's hop or window (100-200 ms) at every switch.
+    assert sum(abs(d) <= RATE // 100 for d in steps) >= 3, (steps, "".join(states))
+    assert abs(np.median(bypassed_db)) < 0.5, bypassed_db
+
+
+@pytest.mark.parametrize("script, flags", [("ml_denoiser_pipeline.py", []),
+                                           ("ml_denoiser_pipeline.py", ["--low-latency"]),
+                                           ("dsp_filter_pipeline.py", [])], ids=["ml", "ml-low-latency", "dsp"])
+def test_bypass_delay_is_each_chains_own(script, flags):
+    """The engine's bypass holds the raw input back by the chain's latency_samples, which is the chain's true
+    delay: through a real chain and the engine's own Bypass, toggled half-way, the output is file mode's result
+    and then the input, both exactly latency_samples late."""
+    import importlib
+    module = importlib.import_module(script[:-3])
+    args = module.parse_args(flags) if hasattr(module, "parse_args") else module.build_parser().parse_args(flags)
+    make = getattr(module, "make_chain", getattr(module, "DSPChain", None))
+    engine = live_audio.LiveEngine(make(args))
+    delay = engine.chain.latency_samples
+    x = 0.05 * np.random.default_rng(3).standard_normal(4 * RATE).astype(np.float32)
+    x[RATE:] += 0.2 * np.sin(2 * np.pi * 220 * np.arange(3 * RATE) / RATE).astype(np.float32)
+    expected = dsp_process_offline(make(args), x)
+    out, half, block = [], 2 * RATE, 160
+    for i in range(0, len(x), block):
+        if i == half:
+            engine.bypass.toggle()
+        part = x[i:i + block]
+        out.append(engine.bypass.process(part, np.asarray(engine.chain.process(part), np.float32)))
+    out = np.concatenate(out)
+    fade = int(live_audio.BYPASS_FADE_MS * RATE / 1000)
+    assert np.allclose(out[delay:half], expected[:half - delay], atol=1e-5)
+    assert np.array_equal(out[half + fade:], x[half + fade - delay:len(x) - delay])
 
 
 def test_bypass_switch_delays_the_raw_input_by_the_chain_latency_and_crossfades():

@@ -188,6 +188,13 @@ def _defaults(server):
 def test_virtual_microphone_is_made_once_and_removed_on_stop(launcher, sound_server, fake_mic):
     env = _env(dict(sound_server.env))
     env["DENOISER_PYTHON"] = sys.executable
+    # A user's chosen defaults to protect. Set, not left to WirePlumber: right after the fake microphone appears it
+    # may still name the sink's monitor as the default source (one fresh-clone run saw that).
+    sound_server.pactl("set-default-sink", FAKE_MIC_SINK)
+    sound_server.pactl("set-default-source", FAKE_MIC)
+    deadline = time.monotonic() + 5
+    while _defaults(sound_server) != (FAKE_MIC_SINK, FAKE_MIC) and time.monotonic() < deadline:
+        time.sleep(0.1)
     server_defaults = _defaults(sound_server)
     assert server_defaults == (FAKE_MIC_SINK, FAKE_MIC), "the test needs real defaults to protect"
 
