@@ -234,6 +234,11 @@ class LiveEngine:
         self._dropout_since = 0  # output callback count when the current dropout began
         self._settle_calls = int(self.settle_delay_s * 1000 / self.block_ms)
         self.settle_growth_ms = 0.0
+        self._fixed = False  # settling is over: running dry is a dropout from now on
+        self._topped_up = False  # the one refill at the end of settling has been asked for
+        self._depths = np.zeros(self.delay_window, np.int64)  # ring depth at recent output blocks, for that refill
+        self._depth_i = 0
+        self._out_block = max(1, self.block_ms * self.out_rate // 1000)
         # The delay meter, on PortAudio's clock: the ADC time of the latest input block's first sample, which input
         # position the audio at an output ring position came from, and the mic-to-cable delays of recent blocks.
         self._adc_anchor = None  # (in_ring position, its ADC time in s)
@@ -301,7 +306,8 @@ class LiveEngine:
 
     def on_output(self, outdata, frames, time_info, status):
         """Play the cushion's oldest samples. While settling (the first SETTLE_DELAY_S of audio) a dry ring is
-        refilled to the cushion, which grows the delay by what the devices' jitter needed. After that the delay is
+        refilled to the cushion, which grows the delay by what the devices' jitter needed, and so is one that sat well
+        below it when settling ends (see _ran_low). After that the delay is
         fixed: when the chain is late and the ring runs dry, the output fades out, plays silence (a dropout, counted
         once as an underrun) and, when audio returns, skips exactly the samples the silence stood in for, fading
         back in. FADE_MS samples are always held back, so a fade-out has audio to fade."""
@@ -324,6 +330,20 @@ class LiveEngine:
                 if depth > self._out_target + self._fade:
                     ring.skip(depth - self._out_target - self._fade)
                     depth = self._out_target + self._fade
+        if not self._fixed and self.out_calls - self._playing_since >= self._settle_calls:
+            if self._ran_low():  # refill once more, then fix the delay
+                got = ring.read_into(out[:min(depth, frames), 0])
+                n = min(self._fade, got)
+                out[got - n:got] *= self._ramp[::-1][self._fade - n:]
+                out[got:] = 0.0
+                self._priming = True
+                self.settle_growth_ms += 1000.0 * (frames - got) / self.out_rate
+                if outdata.shape[1] > 1:
+                    outdata[:, 1:] = outdata[:, :1]
+                return
+            self._fixed = True
+        self._depths[self._depth_i % self.delay_window] = depth
+        self._depth_i += 1
         if self._dropout:
             drop = min(self._debt, depth)
             ring.skip(drop)
@@ -359,7 +379,7 @@ class LiveEngine:
             out[got - n:got] *= self._ramp[::-1][self._fade - n:]
             out[got:] = 0.0
             self.counts["underruns"] += 1
-            if self.out_calls - self._playing_since < self._settle_calls:
+            if not self._fixed:
                 self._priming = True  # settling: refill, the delay grows
                 self.settle_growth_ms += 1000.0 * (frames - got) / self.out_rate
             else:
@@ -372,10 +392,21 @@ class LiveEngine:
         if outdata.shape[1] > 1:
             outdata[:, 1:] = outdata[:, :1]
 
+    def _ran_low(self):
+        """Asked once, when settling ends: whether over the last blocks the ring sat more than a quarter of the
+        cushion below it without running dry. PipeWire's rate matching between two ALSA streams drains it by tens
+        of ms in their first seconds, and a ring left that low turns the chain's ordinary slow hops into dropouts
+        once the delay is fixed; it is refilled then, the last growth of the delay while settling."""
+        if self._topped_up:
+            return False
+        self._topped_up = True
+        n = min(self._depth_i, self.delay_window)
+        return n > 0 and np.median(self._depths[:n]) < self._out_target + self._fade - max(self._out_target // 4, self._out_block)
+
     def delay_fixed(self):
-        """True once the first SETTLE_DELAY_S of audio are over: from then on running dry is a dropout, and the
-        delay no longer grows."""
-        return self._playing_since is not None and self.out_calls - self._playing_since >= self._settle_calls
+        """True once the first SETTLE_DELAY_S of audio are over (and the ring refilled, if it ran low): from then
+        on running dry is a dropout, and the delay no longer grows."""
+        return self._fixed
 
     def _measure_delay(self, dac_time, out_pos):
         """Mic-to-cable delay of the output sample at out_pos, to be played at dac_time: the ADC time of the input
@@ -406,7 +437,7 @@ class LiveEngine:
         if self._delay_i % 10:
             return
         if self.target_delay_ms is None:
-            if self._playing_since is None or self.out_calls - self._playing_since < self._settle_calls:
+            if not self._fixed:
                 return
             if self._fixed_at is None:
                 self._fixed_at = self._delay_i

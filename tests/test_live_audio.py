@@ -239,6 +239,50 @@ def test_while_settling_running_dry_grows_the_delay_once():
     assert np.array_equal(y[tail], x[tail.start - after:tail.stop - after])
 
 
+def _feed_losing(engine, x, lost):
+    """Input blocks of 160 with the ones in `lost` never delivered (the sound server's rate matching or a capture
+    skip), one output block per input block; the played output."""
+    indata, outdata, played = np.zeros((160, 1), np.float32), np.zeros((160, 1), np.float32), []
+    engine.start_processing()
+    try:
+        for n, i in enumerate(range(0, len(x) - 159, 160)):
+            if n not in lost:
+                indata[:, 0] = x[i:i + 160]
+                target = engine.out_ring.written + 160
+                engine.on_input(indata, 160, None, 0)
+                deadline = time.monotonic() + 5
+                while engine.out_ring.written < target and time.monotonic() < deadline:
+                    time.sleep(0.0005)
+            engine.on_output(outdata, 160, None, 0)
+            played.append(outdata[:, 0].copy())
+    finally:
+        engine.stop_processing()
+    assert engine.error is None
+    return np.concatenate(played)
+
+
+@pytest.mark.parametrize("lost_blocks", [0, 4])
+def test_settling_ends_with_the_cushion_full(lost_blocks):
+    """40 ms of microphone that never arrive while settling leave the ring 40 ms short of its 60 ms cushion, but
+    never dry: settling ends by refilling it (once, counted in settle_growth_ms), so the delay is fixed with the
+    whole cushion and the mic-to-cable lag is back where it started. A ring that stayed full is left alone."""
+    rng = np.random.default_rng(7)
+    x = (0.1 * rng.standard_normal(3 * RATE)).astype(np.float32)
+    engine = live_audio.LiveEngine(DelayChain(0), out_target_ms=60, settle_delay_s=1.5)
+    y = _feed_losing(engine, x, set(range(50, 50 + lost_blocks)))
+    assert engine.delay_fixed()
+    assert engine.counts["underruns"] == engine.counts["realigns"] == 0
+    first = _lag(x[:RATE // 4], y[:RATE // 4 + 4000])
+    tail = slice(len(y) - RATE // 2, len(y))
+    after = _lag(x, np.concatenate([np.zeros(tail.start, np.float32), y[tail]]), max_lag=2 * RATE)
+    assert np.array_equal(y[tail], x[tail.start - after:tail.stop - after]), "the output plays the microphone"
+    if lost_blocks:
+        assert engine.settle_growth_ms == pytest.approx(40, abs=10 + live_audio.FADE_MS)
+        assert abs(after - first) <= 160 + int(live_audio.FADE_MS * RATE / 1000)
+    else:
+        assert engine.settle_growth_ms == 0 and after == first
+
+
 def test_warm_up_sizes_the_cushion_once_for_a_chain_that_runs_once_per_hop():
     """A chain that spends 120 ms on every 200 ms hop (as the ML chain runs its model once per hop) would drain a
     fixed 30 ms cushion at every hop. warm_up times it on silence before the devices start; the cushion then
@@ -636,9 +680,10 @@ def test_live_pipeline_matches_file_mode(script, flags, sound_server, fake_mic, 
     start, stop = _active_span(mic)
     corr, lags, raw = _piecewise_match(reference[start:stop], cabled[start:], mic[start:stop])
     latency_ms = 1000.0 * float(np.median(lags)) / RATE
+    fixed_line = next(line for line in out.splitlines() if line.startswith(live_audio.FIXED_LINE))
     print("%s %s live: correlation %.4f (with the raw microphone %.4f), latency %.1f ms (algorithm %.1f ms), "
-          "%d lag change(s), %s" % (script, " ".join(flags), corr, raw, latency_ms, algorithm_ms,
-                                    np.count_nonzero(np.diff(lags)), out.strip().splitlines()[-1]))
+          "%d lag change(s), %s, %s" % (script, " ".join(flags), corr, raw, latency_ms, algorithm_ms,
+                                        np.count_nonzero(np.diff(lags)), fixed_line, out.strip().splitlines()[-1]))
     assert corr >= 0.9
     assert corr > raw + 0.01, "the cable must carry the processed signal, not the microphone passed through"
     assert abs(latency_ms - algorithm_ms) <= 100
