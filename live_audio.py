@@ -306,11 +306,11 @@ class LiveEngine:
 
     def on_output(self, outdata, frames, time_info, status):
         """Play the cushion's oldest samples. While settling (the first SETTLE_DELAY_S of audio) a dry ring is
-        refilled to the cushion, which grows the delay by what the devices' jitter needed, and so is one that sat well
-        below it when settling ends (see _ran_low). After that the delay is
-        fixed: when the chain is late and the ring runs dry, the output fades out, plays silence (a dropout, counted
-        once as an underrun) and, when audio returns, skips exactly the samples the silence stood in for, fading
-        back in. FADE_MS samples are always held back, so a fade-out has audio to fade."""
+        refilled to the cushion, which grows the delay by what the devices' jitter needed, and so is one that sat
+        well below it when settling ends (see _ran_low). After that the delay is fixed: when the chain is late and
+        the ring runs dry, the output fades out, plays silence (a dropout, counted once as an underrun) and, when
+        audio returns, skips exactly the samples the silence stood in for, fading back in. FADE_MS samples are
+        always held back, so a fade-out has audio to fade."""
         self.out_calls += 1
         if status:
             self.counts["device_xruns"] += 1
