@@ -401,7 +401,8 @@ class LiveEngine:
             return False
         self._topped_up = True
         n = min(self._depth_i, self.delay_window)
-        return n > 0 and np.median(self._depths[:n]) < self._out_target + self._fade - max(self._out_target // 4, self._out_block)
+        slack = max(self._out_target // 4, self._out_block)
+        return n > 0 and np.median(self._depths[:n]) < self._out_target + self._fade - slack
 
     def delay_fixed(self):
         """True once the first SETTLE_DELAY_S of audio are over (and the ring refilled, if it ran low): from then
