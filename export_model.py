@@ -52,6 +52,9 @@ def load_checkpoint(path):
         raise SystemExit(f"error: {exc}")
     cfg = ck.get("config", {})
     if cfg.get("arch") == "stream":
+        if cfg.get("phase"):
+            raise SystemExit(f"error: {paths[0]} takes the noisy phase as input (--stream-phase), which the "
+                             "pipeline does not feed yet; it can be trained and validated, not exported")
         net = M.StreamNet(cfg.get("hidden", M.STREAM_HIDDEN), mask=cfg.get("mask", "real"),
                           bands=cfg.get("bands", 0))
         net.load_state_dict(ck["model"])

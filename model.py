@@ -235,6 +235,8 @@ STREAM_GROUPS = 2           # the second GRU is split in this many independent g
 STREAM_MASK = "real"        # "real": a gain per bin on the noisy phase; "complex": a gain that also turns the phase
 STREAM_BANDS = 48           # bins above STREAM_LINEAR_BINS pooled into this many ERB bands; 0: every bin in and out
 STREAM_LINEAR_BINS = 65     # with bands, the bins kept one by one (65 = up to 2 kHz, where the harmonics are dense)
+STREAM_PHASE = False        # also feed the noisy phase (cos, sin) of the STREAM_LINEAR_BINS lowest bins: for a complex
+                            # mask, which has nothing to turn the phase by without it (training only, not exported yet)
 NORM_TAU_S = 1.0            # time constant of the running mean each bin is measured against; longer = steadier
 NORM_INIT = -7.0            # running mean's start (log|X|, about a quiet room); the state holds the offset from it
 FEAT_CENTRE, FEAT_SCALE = -6.0, 4.0  # log|X| is mapped to (log|X| - centre) / scale: roughly -2..2 for speech
@@ -264,10 +266,12 @@ class StreamNet(nn.Module):
     """log|X| per frame -> mask per bin, causal. forward() takes [B, T, F] (a whole utterance, from zero state);
     step() takes one frame [B, F] and the packed state [B, state_size] and returns (mask, new state).
     The mask is [.., F] in [0, 1] (mask="real"), or [.., 2, F] (mask="complex": real and imaginary parts of a
-    complex gain whose length, tanh of the raw pair's, stays below 1; apply_mask multiplies it in)."""
+    complex gain whose length, tanh of the raw pair's, stays below 1; apply_mask multiplies it in). With phase=True
+    the cos and sin of the noisy phase of the lowest STREAM_LINEAR_BINS bins (stream_phase) are inputs as well,
+    passed as phase= to forward and step: what a complex mask needs to know which way to turn."""
 
     def __init__(self, hidden=STREAM_HIDDEN, groups=STREAM_GROUPS, bins=STREAM_N_FFT // 2 + 1, mask=STREAM_MASK,
-                 bands=STREAM_BANDS):
+                 bands=STREAM_BANDS, phase=STREAM_PHASE):
         super().__init__()
         if hidden % groups:
             raise ValueError(f"hidden {hidden} must split into {groups} equal groups")
@@ -282,7 +286,8 @@ class StreamNet(nn.Module):
             self.register_buffer("pool", w / w.sum(0), persistent=False)  # [bins, width]: mean power per band
             self.register_buffer("spread", w.t().contiguous(), persistent=False)  # [width, bins]: rows sum to one
         self.alpha = math.exp(-STREAM_HOP_SAMP / (SAMPLE_RATE * NORM_TAU_S))
-        self.inp = nn.Linear(2 * self.width, hidden)
+        self.phase_bins = min(STREAM_LINEAR_BINS, bins) if phase else 0  # cos and sin of each as extra inputs
+        self.inp = nn.Linear(2 * self.width + 2 * self.phase_bins, hidden)
         self.gru1 = nn.GRU(hidden, hidden, batch_first=True)
         g = hidden // groups
         self.gru2 = nn.ModuleList(nn.GRU(g, g, batch_first=True) for _ in range(groups))
@@ -310,9 +315,15 @@ class StreamNet(nn.Module):
             mu0 = mu[:, -1]
         return torch.cat(out, 1)
 
-    def core(self, logmag, mu, h1, h2):
-        """Shared by forward and step: [B, T, F] features and running means -> mask [B, T, F] and GRU states."""
-        feats = torch.cat([(logmag - FEAT_CENTRE) / FEAT_SCALE, (logmag - mu) / FEAT_SCALE], -1)
+    def core(self, logmag, mu, h1, h2, phase=None):
+        """Shared by forward and step: [B, T, F] features and running means (and with phase_bins the phase
+        features [B, T, 2 x phase_bins]) -> mask [B, T, F] and GRU states."""
+        feats = [(logmag - FEAT_CENTRE) / FEAT_SCALE, (logmag - mu) / FEAT_SCALE]
+        if self.phase_bins:
+            if phase is None:
+                raise ValueError("this model takes the noisy phase too (phase_bins > 0): pass phase")
+            feats.append(phase)
+        feats = torch.cat(feats, -1)
         x = torch.relu(self.inp(feats))
         y1, h1 = self.gru1(x, h1)
         parts, states = y1.chunk(self.groups, -1), h2.chunk(self.groups, -1)
@@ -337,20 +348,21 @@ class StreamNet(nn.Module):
         b, h = self.width, self.hidden
         return state[:, :b] + NORM_INIT, state[:, None, b:b + h].transpose(0, 1), state[:, None, b + h:].transpose(0, 1)
 
-    def forward(self, logmag, state=None):
+    def forward(self, logmag, state=None, phase=None):
         if state is None:
             state = logmag.new_zeros(logmag.shape[0], self.state_size)
         mu0, h1, h2 = self.split_state(state)
         feats = self.features(logmag)
         mu = self.running_mean(feats, mu0)
-        return self.core(feats, mu, h1.contiguous(), h2.contiguous())[0]
+        return self.core(feats, mu, h1.contiguous(), h2.contiguous(), phase)[0]
 
-    def step(self, logmag, state):
+    def step(self, logmag, state, phase=None):
         """One frame [B, F] and the state [B, state_size] -> (mask [B, F], state): what the ONNX model runs."""
         mu0, h1, h2 = self.split_state(state)
         feats = self.features(logmag)
         mu = self.alpha * mu0 + (1 - self.alpha) * feats
-        mask, h1, h2 = self.core(feats[:, None], mu[:, None], h1.contiguous(), h2.contiguous())
+        mask, h1, h2 = self.core(feats[:, None], mu[:, None], h1.contiguous(), h2.contiguous(),
+                                 None if phase is None else phase[:, None])
         new_state = torch.cat([mu - NORM_INIT, h1[0], h2[0]], -1)
         return mask[:, 0], new_state
 
@@ -398,11 +410,20 @@ def stream_log_magnitude(spec):
     return torch.log(spec.abs() + LOG_EPS)
 
 
+def stream_phase(spec, bins):
+    """Complex [.., F] -> [.., 2 x bins]: cos and sin of the phase of the lowest `bins` bins (0 and 0 at a silent
+    bin), the phase features of a StreamNet with phase_bins."""
+    low = spec[..., :bins]
+    unit = low / (low.abs() + LOG_EPS)
+    return torch.cat([unit.real, unit.imag], -1)
+
+
 def enhance_stream(net, noisy):
     """[B, N] -> (enhanced [B, N'], mask), aligned with the input: N' = N // hop * hop - hop samples (the hop the
     pipeline's delay holds back is dropped from the end). Exactly the streaming pipeline's model-only output,
     with the delay removed."""
     spec = stream_frames(noisy)
-    mask = net(stream_log_magnitude(spec))
+    bins = getattr(net, "phase_bins", 0)
+    mask = net(stream_log_magnitude(spec), phase=stream_phase(spec, bins)) if bins else net(stream_log_magnitude(spec))
     out = stream_overlap_add(apply_mask(spec, mask))
     return out[:, STREAM_N_FFT - STREAM_HOP_SAMP:], mask

@@ -55,6 +55,7 @@ STREAM_SEGMENT_SAMP = 32000  # [2048, 480000] --arch stream: samples per trainin
 STREAM_HIDDEN = M.STREAM_HIDDEN  # [16, 512] --arch stream: GRU width; see model.py
 STREAM_MASK = M.STREAM_MASK  # --arch stream: "real" gain per bin, or "complex" (also turns the phase); model.py
 STREAM_BANDS = M.STREAM_BANDS  # [0, 192] --arch stream: 0 = every bin in and out, N = ERB bands above 2 kHz; model.py
+STREAM_PHASE = M.STREAM_PHASE  # --arch stream: also feed the low bins' noisy phase (--stream-phase); model.py
 SEGMENT_SAMP = 3200        # [256, 32000] training window; 3200 = the pipeline's window, which it must match
 FLOOR_HOPS = 0             # [0, 100] noise floor over this many 100 ms hops as a second input (0 = none, 20 = 2 s)
 FLOOR_START_PROB = 0.25    # [0, 1] with FLOOR_HOPS, share of examples whose past is cut short, as after start-up
@@ -243,8 +244,8 @@ def build_parser():
 # What makes a run that run: checkpoint config key -> flag. --resume takes these from last.pt, so a resumed run
 # mixes, scores and schedules exactly as before; a flag given with --resume that says otherwise is refused.
 RECIPE = {"arch": "arch", "stream_segment_samp": "stream_segment_samp", "hidden": "stream_hidden",
-          "mask": "stream_mask", "bands": "stream_bands", "base_ch": "base_ch", "window_samp": "segment_samp",
-          "floor_hops": "floor_hops",
+          "mask": "stream_mask", "bands": "stream_bands", "phase": "stream_phase", "base_ch": "base_ch",
+          "window_samp": "segment_samp", "floor_hops": "floor_hops",
           "floor_start_prob": "floor_start_prob", "mag_weight": "mag_weight", "mag_power": "mag_power",
           "stoi_weight": "stoi_weight", "seed": "seed", "batch_size": "batch_size",
           "steps_per_epoch": "steps_per_epoch", "noise_exclude": "noise_exclude", **{key: key for key in dataset.MIXING}}
@@ -253,7 +254,7 @@ RECIPE = {"arch": "arch", "stream_segment_samp": "stream_segment_samp", "hidden"
 def adopt_recipe(args, argv, ck, path):
     """Set args' recipe flags, and its length unless --epochs is given, from the checkpoint being resumed. A mixing
     option an older checkpoint lacks did not exist when it was made, so that run mixed without it: it is resumed
-    switched off (dataset.PLAIN), as is a streaming model from before the complex mask or bands (real, every bin);
+    switched off (dataset.PLAIN), as is a streaming model from before the complex mask, bands or phase input;
     other keys it lacks keep the flag's value."""
     unset = object()  # argparse leaves a namespace's preset attributes alone unless the flag is given
     preset = argparse.Namespace(**dict.fromkeys([*RECIPE.values(), "epochs"], unset))
@@ -262,7 +263,7 @@ def adopt_recipe(args, argv, ck, path):
     same = lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else v
     for key, dest in RECIPE.items():
         if key not in ck["config"]:
-            before = {**dataset.PLAIN, "mask": "real", "bands": 0}
+            before = {**dataset.PLAIN, "mask": "real", "bands": 0, "phase": False}
             if key in before and dest not in given:
                 setattr(args, dest, before[key])
             continue
@@ -353,7 +354,8 @@ def make_model(args, device, main_proc):
     torch.manual_seed(args.seed)
     in_ch = 2 if args.floor_hops else 1
     stream = args.arch == "stream"
-    net = (M.StreamNet(args.stream_hidden, mask=args.stream_mask, bands=args.stream_bands) if stream
+    net = (M.StreamNet(args.stream_hidden, mask=args.stream_mask, bands=args.stream_bands, phase=args.stream_phase)
+           if stream
            else M.UNet(args.base_ch, in_ch))
     net = net.to(device)
     if device.type == "cpu" and not stream:
@@ -375,7 +377,7 @@ def make_model(args, device, main_proc):
             try:
                 net.load_state_dict(ck["model"])
             except RuntimeError:
-                raise SystemExit(f"error: {args.init_from} is a streaming model of another width, mask or bands; "
+                raise SystemExit(f"error: {args.init_from} is a streaming model of another width, mask, bands or phase input; "
                                  f"pass its --stream-hidden {ck['config'].get('hidden')} --stream-mask "
                                  f"{ck['config'].get('mask', 'real')} --stream-bands "
                                  f"{ck['config'].get('bands', 0)}") from None
@@ -442,7 +444,7 @@ def recipe_config(args, data_summary):
     stream = args.arch == "stream"
     geometry = ({"n_fft": M.STREAM_N_FFT, "stft_hop_samp": M.STREAM_HOP_SAMP, "window_samp": M.STREAM_N_FFT,
                  "stream_segment_samp": args.segment_samp, "hidden": args.stream_hidden, "mask": args.stream_mask,
-                 "bands": args.stream_bands}
+                 "bands": args.stream_bands, "phase": args.stream_phase}
                 if stream else
                 {"n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP, "window_samp": args.segment_samp})
     return {"arch": args.arch, "base_ch": args.base_ch, **geometry, "sample_rate": M.SAMPLE_RATE, "context_samp": 0,

@@ -109,6 +109,7 @@ def test_stream_model_is_within_the_parameter_budget():
     assert M.count_parameters(M.StreamNet()) <= 500_000
     assert M.count_parameters(M.StreamNet(180, mask="complex")) <= 500_000  # the complex mask's twice the outputs
     assert M.count_parameters(M.StreamNet(208, bands=48)) <= 500_000  # bands: the weights go to the GRUs
+    assert M.count_parameters(M.StreamNet(200, bands=48, mask="complex", phase=True)) <= 500_000
 
 
 def test_erb_bands_keep_the_low_bins_and_share_every_high_bin_out():
@@ -155,25 +156,27 @@ def test_stream_framing_with_unit_mask_gives_the_input_back():
     assert torch.allclose(out, x[:, :out.shape[1]], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind,bands", [("real", 0), ("complex", 0), ("real", 48), ("complex", 48)])
-def test_stream_steps_equal_the_whole_utterance(kind, bands):
+@pytest.mark.parametrize("kind,bands,phase", [("real", 0, False), ("complex", 0, False), ("real", 48, False),
+                                              ("complex", 48, False), ("complex", 48, True)])
+def test_stream_steps_equal_the_whole_utterance(kind, bands, phase):
     """Frame by frame with the state carried equals one pass over the utterance, over more frames than the
     running mean's chunk (256), from a zero state and from a state left by earlier audio."""
     torch.manual_seed(0)
-    net = M.StreamNet(hidden=32, mask=kind, bands=bands).eval()
-    logmag = torch.randn(2, 300, 257) * 2 - 5
+    net = M.StreamNet(hidden=32, mask=kind, bands=bands, phase=phase).eval()
+    spec = M.stream_frames(torch.randn(2, 340 * M.STREAM_HOP_SAMP) * 0.1)
+    logmag, ph = M.stream_log_magnitude(spec), M.stream_phase(spec, net.phase_bins) if phase else None
+    at = lambda t: None if ph is None else ph[:, t]
     with torch.no_grad():
-        whole = net(logmag)
+        whole = net(logmag[:, :300], phase=None if ph is None else ph[:, :300])
         state = torch.zeros(2, net.state_size)
         steps = []
         for t in range(300):
-            mask, state = net.step(logmag[:, t], state)
+            mask, state = net.step(logmag[:, t], state, at(t))
             steps.append(mask)
         assert (torch.stack(steps, 1) - whole).abs().max() < 1e-5
-        more = torch.randn(2, 40, 257) * 2 - 5
-        cont = net(more, state)
+        cont = net(logmag[:, 300:], state, None if ph is None else ph[:, 300:])
         for t in range(40):
-            mask, state = net.step(more[:, t], state)
+            mask, state = net.step(logmag[:, 300 + t], state, at(300 + t))
             assert (mask - cont[:, t]).abs().max() < 1e-5
     if kind == "real":
         assert whole.min() >= 0 and whole.max() <= 1
@@ -192,3 +195,22 @@ def test_stream_model_is_causal(mask, bands):
     with torch.no_grad():
         ma, mb = net(a), net(b)
     assert torch.equal(ma[:, :50], mb[:, :50]) and not torch.equal(ma[:, 50:], mb[:, 50:])
+
+
+def test_phase_features_are_the_low_bins_unit_phasors_and_a_phase_model_needs_them():
+    """stream_phase gives cos and sin of the lowest bins' phase (unit length, 0 at a silent bin); a StreamNet
+    built with phase=True takes them as extra inputs and refuses to run without them."""
+    spec = M.stream_frames(torch.randn(1, 8000))
+    spec[..., 3] = 0
+    ph = M.stream_phase(spec, M.STREAM_LINEAR_BINS)
+    lin = M.STREAM_LINEAR_BINS
+    assert ph.shape == (*spec.shape[:-1], 2 * lin)
+    length = torch.sqrt(ph[..., :lin] ** 2 + ph[..., lin:] ** 2)
+    assert torch.allclose(length[..., 4:], torch.ones_like(length[..., 4:]), atol=1e-4) and not length[..., 3].any()
+    assert torch.allclose(torch.atan2(ph[..., lin + 5], ph[..., 5]), torch.angle(spec[..., 5]), atol=1e-4)
+    net = M.StreamNet(32, mask="complex", phase=True)
+    assert net.phase_bins == lin and net.inp.in_features == 2 * net.width + 2 * lin
+    with pytest.raises(ValueError, match="pass phase"):
+        net(M.stream_log_magnitude(spec))
+    out, mask = M.enhance_stream(net, torch.randn(1, 8000))
+    assert mask.shape[-2:] == (2, 257)

@@ -341,6 +341,26 @@ def test_complex_mask_on_bands_stream_model_trains_resumes_and_exports(tiny_corp
         train.main(tiny_args(tiny_corpus, tmp_path / "bad", *STREAM, "--stream-bands", "500"))
 
 
+def test_phase_input_stream_model_trains_resumes_and_is_not_exported(tiny_corpus, tmp_path, monkeypatch):
+    """--stream-phase: the low bins' noisy phase as extra inputs, recorded in the recipe and kept on --resume
+    (an older checkpoint without the key resumes without it); the export refuses it in one line, since the
+    pipeline does not feed the phase."""
+    import export_model
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ph"
+    flags = [*STREAM, "--stream-mask", "complex", "--stream-phase", "--steps-per-epoch", "4", *PLAIN_FLAGS]
+    assert train.main(tiny_args(tiny_corpus, out, *flags, "--epochs", "1")) == 0
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["config"]["phase"] is True and ck["model"]["inp.weight"].shape[1] > 2 * (M.STREAM_LINEAR_BINS + 48)
+    with pytest.raises(SystemExit, match="phase True, not False"):
+        train.main(tiny_args(tiny_corpus, out, "--resume", "--epochs", "2", "--no-stream-phase"))
+    assert train.main(tiny_args(tiny_corpus, out, "--resume", "--epochs", "2", "--steps-per-epoch", "4")) == 0
+    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 2
+    with pytest.raises(SystemExit, match="takes the noisy phase"):
+        export_model.main(["--checkpoint", str(out / "best.pt"), "--output", str(tmp_path / "ph.onnx"), "--dev", ""])
+    assert not (tmp_path / "ph.onnx").exists()
+
+
 def test_stream_refuses_the_unet_noise_floor(tiny_corpus, tmp_path):
     with pytest.raises(SystemExit, match="drop --floor-hops"):
         train.main(tiny_args(tiny_corpus, tmp_path / "x", *STREAM, "--floor-hops", "20"))
