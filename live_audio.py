@@ -234,6 +234,7 @@ class LiveEngine:
         self._dropout_since = 0  # output callback count when the current dropout began
         self._settle_calls = int(self.settle_delay_s * 1000 / self.block_ms)
         self.settle_growth_ms = 0.0
+        self.settle_topup_ms = 0.0  # the part of settle_growth_ms that refilled a ring found low at its end
         self._fixed = False  # settling is over: running dry is a dropout from now on
         self._topped_up = False  # the one refill at the end of settling has been asked for
         self._depths = np.zeros(self.delay_window, np.int64)  # ring depth at recent output blocks, for that refill
@@ -322,6 +323,8 @@ class LiveEngine:
                 outdata.fill(0)
                 if self._playing_since is not None:  # a refill while settling: the delay grows by this block
                     self.settle_growth_ms += 1000.0 * frames / self.out_rate
+                    if self._topped_up:
+                        self.settle_topup_ms += 1000.0 * frames / self.out_rate
                 return
             self._priming = False
             fade_in = self._playing_since is not None  # back from a refill
@@ -338,6 +341,7 @@ class LiveEngine:
                 out[got:] = 0.0
                 self._priming = True
                 self.settle_growth_ms += 1000.0 * (frames - got) / self.out_rate
+                self.settle_topup_ms += 1000.0 * (frames - got) / self.out_rate
                 if outdata.shape[1] > 1:
                     outdata[:, 1:] = outdata[:, :1]
                 return
@@ -830,7 +834,8 @@ def run_live(chain, args):
                 fixed_at = now
             if fixed and not was_fixed:
                 session.say(FIXED_LINE + " running dry is now a faded dropout (the cushion grew %.0f ms while "
-                            "settling)" % engine.settle_growth_ms)
+                            "settling, %.0f ms of it refilling a ring found low at its end)"
+                            % (engine.settle_growth_ms, engine.settle_topup_ms))
             was_fixed = fixed
             # Refills while the delay settles are how it finds the devices' jitter; settled_* count what follows.
             if settled_base is None and fixed and now - started >= settle_s:

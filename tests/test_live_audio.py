@@ -278,9 +278,10 @@ def test_settling_ends_with_the_cushion_full(lost_blocks):
     assert np.array_equal(y[tail], x[tail.start - after:tail.stop - after]), "the output plays the microphone"
     if lost_blocks:
         assert engine.settle_growth_ms == pytest.approx(40, abs=10 + live_audio.FADE_MS)
+        assert engine.settle_topup_ms == engine.settle_growth_ms
         assert abs(after - first) <= 160 + int(live_audio.FADE_MS * RATE / 1000)
     else:
-        assert engine.settle_growth_ms == 0 and after == first
+        assert engine.settle_growth_ms == engine.settle_topup_ms == 0 and after == first
 
 
 def test_warm_up_sizes_the_cushion_once_for_a_chain_that_runs_once_per_hop():
