@@ -190,15 +190,10 @@ def test_a_stall_is_a_faded_dropout_and_the_delay_does_not_move():
     assert np.all(ratio <= 1.0 + 1e-6) and faded.sum() <= 2 * fade * max(1, engine.counts["underruns"])
 
 
-def test_audio_lost_at_the_source_reanchors_instead_of_falling_silent():
-    """A capture overrun in the sound server loses 150 ms of microphone audio: what the dropout's silence stood for
-    never arrives. The output must not wait for it forever: it refills its cushion (a realign, counted) and plays
-    the microphone again, a clean copy at the delay it had before."""
-    rng = np.random.default_rng(6)
-    x = (0.1 * rng.standard_normal(3 * RATE)).astype(np.float32)
-    engine = live_audio.LiveEngine(DelayChain(0), out_target_ms=30, settle_delay_s=0)
+def _feed_losing(engine, x, lost):
+    """Input blocks of 160 with the ones in `lost` never delivered (the sound server's rate matching or a capture
+    skip), one output block per input block; the played output."""
     indata, outdata, played = np.zeros((160, 1), np.float32), np.zeros((160, 1), np.float32), []
-    lost = set(range(100, 115))  # blocks the microphone never delivers
     engine.start_processing()
     try:
         for n, i in enumerate(range(0, len(x) - 159, 160)):
@@ -213,7 +208,18 @@ def test_audio_lost_at_the_source_reanchors_instead_of_falling_silent():
             played.append(outdata[:, 0].copy())
     finally:
         engine.stop_processing()
-    y = np.concatenate(played)
+    assert engine.error is None
+    return np.concatenate(played)
+
+
+def test_audio_lost_at_the_source_reanchors_instead_of_falling_silent():
+    """A capture overrun in the sound server loses 150 ms of microphone audio: what the dropout's silence stood for
+    never arrives. The output must not wait for it forever: it refills its cushion (a realign, counted) and plays
+    the microphone again, a clean copy at the delay it had before."""
+    rng = np.random.default_rng(6)
+    x = (0.1 * rng.standard_normal(3 * RATE)).astype(np.float32)
+    engine = live_audio.LiveEngine(DelayChain(0), out_target_ms=30, settle_delay_s=0)
+    y = _feed_losing(engine, x, set(range(100, 115)))  # blocks the microphone never delivers
     assert engine.counts["underruns"] >= 1 and engine.counts["realigns"] == 1
     first = _lag(x[:RATE], y[:RATE + 4000])
     tail = slice(len(y) - RATE // 2, len(y))
@@ -237,28 +243,6 @@ def test_while_settling_running_dry_grows_the_delay_once():
     assert engine.counts["underruns"] == 1 and engine.settle_growth_ms > 0
     assert after - before == pytest.approx(engine.settle_growth_ms * RATE / 1000, abs=200)
     assert np.array_equal(y[tail], x[tail.start - after:tail.stop - after])
-
-
-def _feed_losing(engine, x, lost):
-    """Input blocks of 160 with the ones in `lost` never delivered (the sound server's rate matching or a capture
-    skip), one output block per input block; the played output."""
-    indata, outdata, played = np.zeros((160, 1), np.float32), np.zeros((160, 1), np.float32), []
-    engine.start_processing()
-    try:
-        for n, i in enumerate(range(0, len(x) - 159, 160)):
-            if n not in lost:
-                indata[:, 0] = x[i:i + 160]
-                target = engine.out_ring.written + 160
-                engine.on_input(indata, 160, None, 0)
-                deadline = time.monotonic() + 5
-                while engine.out_ring.written < target and time.monotonic() < deadline:
-                    time.sleep(0.0005)
-            engine.on_output(outdata, 160, None, 0)
-            played.append(outdata[:, 0].copy())
-    finally:
-        engine.stop_processing()
-    assert engine.error is None
-    return np.concatenate(played)
 
 
 @pytest.mark.parametrize("lost_blocks", [0, 4])
