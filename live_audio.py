@@ -251,7 +251,7 @@ class LiveEngine:
         self._fixed_at = None  # the meter's block count when settling ended
         self.servo_rate = 0.0  # > 0: the output plays this much faster than the input (the delay shrinks)
         self._phase = 0.0  # fractional read position while the servo stretches
-        self._stretch_t = np.arange(4 * max(1, self.block_ms * self.out_rate // 1000), dtype=np.float64)
+        self._stretch_t = np.arange(4 * self._out_block, dtype=np.float64)
         self._stretch_buf = np.zeros(len(self._stretch_t) + 2, np.float32)
 
     def _set_cushion(self):
@@ -333,21 +333,20 @@ class LiveEngine:
                 if depth > self._out_target + self._fade:
                     ring.skip(depth - self._out_target - self._fade)
                     depth = self._out_target + self._fade
-        if not self._fixed and self.out_calls - self._playing_since >= self._settle_calls:
-            if self._ran_low():  # refill once more, then fix the delay
-                got = ring.read_into(out[:min(depth, frames), 0])
-                n = min(self._fade, got)
-                out[got - n:got] *= self._ramp[::-1][self._fade - n:]
-                out[got:] = 0.0
+        if not self._fixed:
+            if self.out_calls - self._playing_since < self._settle_calls:
+                self._depths[self._depth_i % self.delay_window] = depth
+                self._depth_i += 1
+            elif self._ran_low():  # refill once more, then fix the delay
+                got = self._fade_out(out, min(depth, frames))
                 self._priming = True
                 self.settle_growth_ms += 1000.0 * (frames - got) / self.out_rate
                 self.settle_topup_ms += 1000.0 * (frames - got) / self.out_rate
                 if outdata.shape[1] > 1:
                     outdata[:, 1:] = outdata[:, :1]
                 return
-            self._fixed = True
-        self._depths[self._depth_i % self.delay_window] = depth
-        self._depth_i += 1
+            else:
+                self._fixed = True
         if self._dropout:
             drop = min(self._debt, depth)
             ring.skip(drop)
@@ -378,10 +377,7 @@ class LiveEngine:
             if not self.servo_rate or not self._read_stretched(out[:, 0], frames, depth):
                 ring.read_into(out[:, 0])
         else:  # running dry: play what there is, faded out
-            got = ring.read_into(out[:depth, 0])
-            n = min(self._fade, got)
-            out[got - n:got] *= self._ramp[::-1][self._fade - n:]
-            out[got:] = 0.0
+            got = self._fade_out(out, depth)
             self.counts["underruns"] += 1
             if not self._fixed:
                 self._priming = True  # settling: refill, the delay grows
@@ -395,6 +391,14 @@ class LiveEngine:
             out[:n] *= self._ramp[:n]
         if outdata.shape[1] > 1:
             outdata[:, 1:] = outdata[:, :1]
+
+    def _fade_out(self, out, n):
+        """Play the ring's next n samples into out, the last FADE_MS of them faded out, silence after; returns n."""
+        got = self.out_ring.read_into(out[:n, 0])
+        k = min(self._fade, got)
+        out[got - k:got] *= self._ramp[::-1][self._fade - k:]
+        out[got:] = 0.0
+        return got
 
     def _ran_low(self):
         """Asked once, when settling ends: whether over the last blocks the ring sat more than a quarter of the
