@@ -423,7 +423,8 @@ def enhance_stream(net, noisy):
     pipeline's delay holds back is dropped from the end). Exactly the streaming pipeline's model-only output,
     with the delay removed."""
     spec = stream_frames(noisy)
-    bins = getattr(net, "phase_bins", 0)
-    mask = net(stream_log_magnitude(spec), phase=stream_phase(spec, bins)) if bins else net(stream_log_magnitude(spec))
+    bins = getattr(net, "module", net).phase_bins  # DistributedDataParallel wraps the StreamNet in .module
+    phase = stream_phase(spec, bins) if bins else None
+    mask = net(stream_log_magnitude(spec), phase=phase)
     out = stream_overlap_add(apply_mask(spec, mask))
     return out[:, STREAM_N_FFT - STREAM_HOP_SAMP:], mask

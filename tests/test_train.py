@@ -247,11 +247,14 @@ def test_real_dev_set_is_validated_and_selects_with_dev(tiny_corpus, tmp_path, m
     assert sorted(p.name for p in (tmp_path / "r").glob("epoch*.pt")) == ["epoch1.pt", "epoch2.pt"]
 
 
-def test_torchrun_two_processes_on_cpu(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("arch", ["unet", "stream-phase"])
+def test_torchrun_two_processes_on_cpu(tiny_corpus, tmp_path, arch):
+    """Two DistributedDataParallel processes; the streaming model's phase input reaches it through the wrapper."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    flags = [*STREAM, "--stream-mask", "complex", "--stream-phase"] if arch == "stream-phase" else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           str(REPO / "train.py"), *tiny_args(tiny_corpus, tmp_path / "ddp", "--epochs", "1", "--steps-per-epoch", "3",
-                                              "--dev-files", "0")]
+           str(REPO / "train.py"), *tiny_args(tiny_corpus, tmp_path / "ddp", *flags, "--epochs", "1",
+                                              "--steps-per-epoch", "3", "--dev-files", "0")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_log(tmp_path / "ddp" / "train_log.csv")
