@@ -365,7 +365,6 @@ class StreamChain(ChainTail):
         self.ola[-h:] = 0.0
         return self.tail(out, t0)
 
-
     def complex_gain(self, mask):
         """A complex mask [2, F]: the floor and power shape its length; its direction, the phase turn, stays."""
         gain = mask[0] + 1j * mask[1]

@@ -261,9 +261,9 @@ def adopt_recipe(args, argv, ck, path):
     parsed = build_parser().parse_args(argv, preset)
     given = {dest: value for dest, value in vars(parsed).items() if value is not unset}
     same = lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else v
+    before = {**dataset.PLAIN, "mask": "real", "bands": 0, "phase": False}  # what a key's absence meant
     for key, dest in RECIPE.items():
         if key not in ck["config"]:
-            before = {**dataset.PLAIN, "mask": "real", "bands": 0, "phase": False}
             if key in before and dest not in given:
                 setattr(args, dest, before[key])
             continue
@@ -377,10 +377,10 @@ def make_model(args, device, main_proc):
             try:
                 net.load_state_dict(ck["model"])
             except RuntimeError:
-                raise SystemExit(f"error: {args.init_from} is a streaming model of another width, mask, bands or phase input; "
-                                 f"pass its --stream-hidden {ck['config'].get('hidden')} --stream-mask "
-                                 f"{ck['config'].get('mask', 'real')} --stream-bands "
-                                 f"{ck['config'].get('bands', 0)}") from None
+                raise SystemExit(f"error: {args.init_from} is a streaming model of another width, mask, bands or "
+                                 f"phase input; pass its --stream-hidden {ck['config'].get('hidden')} --stream-mask "
+                                 f"{ck['config'].get('mask', 'real')} --stream-bands {ck['config'].get('bands', 0)}"
+                                 f"{' --stream-phase' if ck['config'].get('phase') else ''}") from None
         elif ck["config"].get("base_ch", 0) != args.base_ch:
             raise SystemExit(f"error: {args.init_from} has base_ch {ck['config'].get('base_ch', 0)}, "
                              f"not {args.base_ch}")
