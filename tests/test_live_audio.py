@@ -94,10 +94,11 @@ def test_ring_buffer_wraps_drops_newest_when_full_and_skips():
     assert ring.read_into(out) == 0
 
 
-def _feed(engine, signal_, block=160, pace_s=None, outputs_per_input=1, snapshot_after=None):
+def _feed(engine, signal_, block=160, pace_s=None, outputs_per_input=1, snapshot_after=None, lost=()):
     """Push signal_ through engine.on_input/on_output in blocks. pace_s=None waits for the processing thread
     after each input block (deterministic); a number paces the blocks in real time like a device clock.
-    snapshot_after=n copies engine.counts into engine.snapshot after n blocks."""
+    snapshot_after=n copies engine.counts into engine.snapshot after n blocks. Input blocks whose index is in
+    `lost` are never delivered (a capture skip, the sound server's rate matching); the output still plays."""
     indata = np.zeros((block, 1), np.float32)
     outdata = np.zeros((block, 1), np.float32)
     played = []
@@ -105,13 +106,14 @@ def _feed(engine, signal_, block=160, pace_s=None, outputs_per_input=1, snapshot
     started = time.perf_counter()
     try:
         for n, i in enumerate(range(0, len(signal_) - block + 1, block)):
-            indata[:, 0] = signal_[i:i + block]
-            target = engine.out_ring.written + block
-            engine.on_input(indata, block, None, 0)
+            if n not in lost:
+                indata[:, 0] = signal_[i:i + block]
+                target = engine.out_ring.written + block
+                engine.on_input(indata, block, None, 0)
             if pace_s is None:
                 deadline = time.monotonic() + 5
-                while engine.out_ring.written < target and engine.out_ring.depth() < engine.out_ring.capacity \
-                        and time.monotonic() < deadline:
+                while n not in lost and engine.out_ring.written < target \
+                        and engine.out_ring.depth() < engine.out_ring.capacity and time.monotonic() < deadline:
                     time.sleep(0.0005)
             else:
                 delay = started + (n + 1) * pace_s - time.perf_counter()
@@ -190,28 +192,6 @@ def test_a_stall_is_a_faded_dropout_and_the_delay_does_not_move():
     assert np.all(ratio <= 1.0 + 1e-6) and faded.sum() <= 2 * fade * max(1, engine.counts["underruns"])
 
 
-def _feed_losing(engine, x, lost):
-    """Input blocks of 160 with the ones in `lost` never delivered (the sound server's rate matching or a capture
-    skip), one output block per input block; the played output."""
-    indata, outdata, played = np.zeros((160, 1), np.float32), np.zeros((160, 1), np.float32), []
-    engine.start_processing()
-    try:
-        for n, i in enumerate(range(0, len(x) - 159, 160)):
-            if n not in lost:
-                indata[:, 0] = x[i:i + 160]
-                target = engine.out_ring.written + 160
-                engine.on_input(indata, 160, None, 0)
-                deadline = time.monotonic() + 5
-                while engine.out_ring.written < target and time.monotonic() < deadline:
-                    time.sleep(0.0005)
-            engine.on_output(outdata, 160, None, 0)
-            played.append(outdata[:, 0].copy())
-    finally:
-        engine.stop_processing()
-    assert engine.error is None
-    return np.concatenate(played)
-
-
 def test_audio_lost_at_the_source_reanchors_instead_of_falling_silent():
     """A capture overrun in the sound server loses 150 ms of microphone audio: what the dropout's silence stood for
     never arrives. The output must not wait for it forever: it refills its cushion (a realign, counted) and plays
@@ -219,7 +199,7 @@ def test_audio_lost_at_the_source_reanchors_instead_of_falling_silent():
     rng = np.random.default_rng(6)
     x = (0.1 * rng.standard_normal(3 * RATE)).astype(np.float32)
     engine = live_audio.LiveEngine(DelayChain(0), out_target_ms=30, settle_delay_s=0)
-    y = _feed_losing(engine, x, set(range(100, 115)))  # blocks the microphone never delivers
+    y = _feed(engine, x, lost=set(range(100, 115)))  # blocks the microphone never delivers
     assert engine.counts["underruns"] >= 1 and engine.counts["realigns"] == 1
     first = _lag(x[:RATE], y[:RATE + 4000])
     tail = slice(len(y) - RATE // 2, len(y))
@@ -253,7 +233,7 @@ def test_settling_ends_with_the_cushion_full(lost_blocks):
     rng = np.random.default_rng(7)
     x = (0.1 * rng.standard_normal(3 * RATE)).astype(np.float32)
     engine = live_audio.LiveEngine(DelayChain(0), out_target_ms=60, settle_delay_s=1.5)
-    y = _feed_losing(engine, x, set(range(50, 50 + lost_blocks)))
+    y = _feed(engine, x, lost=set(range(50, 50 + lost_blocks)))
     assert engine.delay_fixed()
     assert engine.counts["underruns"] == engine.counts["realigns"] == 0
     first = _lag(x[:RATE // 4], y[:RATE // 4 + 4000])
