@@ -582,10 +582,10 @@ def speech_wav(tmp_path_factory):
     return path
 
 
-def _aligned_lag(reference, live, max_lag=RATE):
-    """Integer lag of live behind reference (the private graph runs at 16 kHz, so no fractional delay). The
-    correlation at each lag is divided by the energy of the live stretch it covers: raw, a quiet reference window
-    (a pause the model turned down) matches a loud stretch of live at a wrong lag better than itself at the true one."""
+def _lag_scores(reference, live, max_lag):
+    """The correlation of reference with live at each lag 0..max_lag, divided by the energy of the live stretch it
+    covers: raw, a quiet reference window (a pause the model turned down) matches a loud stretch of live at a wrong
+    lag better than itself at the true one."""
     from scipy.signal import correlate
     cc = correlate(live, reference, mode="full", method="fft")
     mid = len(reference) - 1
@@ -593,8 +593,74 @@ def _aligned_lag(reference, live, max_lag=RATE):
     energy = np.concatenate([[0.0], np.cumsum(np.square(live, dtype=np.float64))])
     n = len(reference)
     k = np.arange(len(cc))
-    norm = np.sqrt(energy[np.minimum(k + n, len(live))] - energy[k]) + 1e-9
-    return int(np.argmax(cc / norm))
+    return cc / (np.sqrt(energy[np.minimum(k + n, len(live))] - energy[k]) + 1e-9)
+
+
+def _aligned_lag(reference, live, max_lag=RATE):
+    """Integer lag of live behind reference (the private graph runs at 16 kHz, so no fractional delay)."""
+    return int(np.argmax(_lag_scores(reference, live, max_lag)))
+
+
+def _fractional_lag(reference, live, max_lag):
+    """The lag to a fraction of a sample: a parabola through the peak and its two neighbours."""
+    scores = _lag_scores(reference, live, max_lag)
+    i = int(np.argmax(scores))
+    if 0 < i < len(scores) - 1:
+        a, b, c = scores[i - 1], scores[i], scores[i + 1]
+        if a - 2 * b + c < 0:
+            return i + 0.5 * (a - c) / (a - 2 * b + c)
+    return float(i)
+
+
+def _stretched_part(seg, live, begin, max_lag=RATE):
+    """What of live lines up with seg (live's source from sample begin on), and the lag at seg's middle, allowing
+    for the servo playing the output up to SERVO_MAX_RATE fast or slow to hold the delay where it was fixed: over
+    half a second 1 % is 80 samples, which no single lag lines up. Live is read along a straight line of lags
+    through seg's two halves, each found to a fraction of a sample on what the line before read. A stretch smears
+    the correlation peaks the line starts from, so it starts from the whole's and each half's, and keeps the best.
+    None past live's end."""
+    n, h, near = len(seg), len(seg) // 2, 64
+    k = np.arange(-near, n + near)
+
+    def read(halves, k):
+        where = begin + k + halves[0] + (halves[1] - halves[0]) * (k - h / 2) / h
+        first, last = int(np.floor(where[0])), int(np.ceil(where[-1]))
+        if first < 0 or last >= len(live):
+            return None
+        area = live[first:last + 1]
+        return np.interp(where - first, np.arange(len(area)), area)
+
+    starts = [_aligned_lag(seg, live[begin:begin + n + max_lag], max_lag)]
+    starts += [_aligned_lag(seg[part:part + h], live[begin + part:begin + part + h + max_lag], max_lag)
+               for part in (0, h)]
+    best = (-2.0, None, float(starts[0]))
+    for halves in {(a, b) for a in starts for b in starts}:
+        halves = np.array(halves, np.float64)
+        if abs(halves[1] - halves[0]) > 2 * live_audio.SERVO_MAX_RATE * h:
+            continue
+        for _ in range(3):
+            got = read(halves, k)
+            if got is None:
+                break
+            moved = halves + [_fractional_lag(seg[part:part + h], got[part:part + h + 2 * near], 2 * near) - near
+                              for part in (0, h)]
+            if abs(moved[1] - moved[0]) > 2 * live_audio.SERVO_MAX_RATE * h:  # a shift or a pause, not a stretch
+                break
+            halves = moved
+        got = read(halves, k[near:-near])
+        if got is not None and np.std(got) > 0:
+            corr = np.corrcoef(seg, got)[0, 1] if np.std(seg) > 0 else 0.0
+            if corr > best[0]:
+                best = (corr, got, float(np.mean(halves)))
+    return best[1], best[2]
+
+
+def _stretched_match(seg, live, begin, max_lag=RATE):
+    """_stretched_part's correlation with seg (0 where either is silent: the cable's start and end) and lag."""
+    got, lag = _stretched_part(seg, live, begin, max_lag)
+    if got is None or np.std(got) == 0 or np.std(seg) == 0:
+        return 0.0, lag
+    return float(np.corrcoef(seg, got)[0, 1]), lag
 
 
 def _active_span(x, threshold=1e-4):
@@ -637,8 +703,9 @@ def test_live_pipeline_matches_file_mode(script, flags, sound_server, fake_mic, 
     # cannot keep up underruns at every hop, dozens of times in 10 s.
     assert stats["settled_overruns"] == 0 and stats["settled_underruns"] <= 1, out
     # A PortAudio xrun with no underrun of ours is the same one-off stall seen from the device side (the
-    # callback itself ran late; seen once on a fresh-clone CI run), so it gets the same single allowance.
-    assert stats["settled_device_xruns"] <= max(stats["settled_underruns"], 1), "PortAudio xruns: " + out
+    # callback itself ran late), so it gets the same single allowance, once for each stream: CI saw one stall
+    # (the delay jumped by 36 ms, no underrun of ours) flag both the microphone's and the cable's.
+    assert stats["settled_device_xruns"] <= 2 * max(stats["settled_underruns"], 1), "PortAudio xruns: " + out
     assert stats["device_losses"] == 0
 
     mic, cabled = recording[:, 0], recording[:, 1]
@@ -650,40 +717,42 @@ def test_live_pipeline_matches_file_mode(script, flags, sound_server, fake_mic, 
     start += int((fixed_after_s + 0.25) * RATE)
     stop -= RATE // 4
     assert stop - start >= 3 * RATE, "the delay was fixed %.1f s into 10 s of speech:\n%s" % (fixed_after_s, out)
-    corr, lags, raw = _piecewise_match(reference[start:stop], cabled[start:], mic[start:stop], min_windows=6)
+    corr, lags, raw, each = _piecewise_match(reference[start:stop], cabled[start:], mic[start:stop], min_windows=6)
     latency_ms = 1000.0 * float(np.median(lags)) / RATE
+    # What the pipeline said at start ("latency: ... ms total"): its algorithm, its cushion and the devices'
+    # buffers as PortAudio reports them, which the probe's own path through the server measures a little under.
+    said_ms = float(re.search(r"latency: ([\d.]+) ms total = ([\d.]+) ms algorithm", out).group(1))
     fixed_line = next(line for line in out.splitlines() if line.startswith(live_audio.FIXED_LINE))
-    print("%s %s live: correlation %.4f (with the raw microphone %.4f), latency %.1f ms (algorithm %.1f ms), "
-          "%d lag change(s), %s, %s" % (script, " ".join(flags), corr, raw, latency_ms, algorithm_ms,
-                                        np.count_nonzero(np.diff(lags)), fixed_line, out.strip().splitlines()[-1]))
-    assert corr >= 0.9
+    print("%s %s live: median correlation %.4f (with the raw microphone %.4f), latency %.1f ms (said %.1f, "
+          "algorithm %.1f ms), %d lag change(s), %s, %s"
+          % (script, " ".join(flags), corr, raw, latency_ms, said_ms, algorithm_ms,
+             np.count_nonzero(np.abs(np.diff(lags)) >= 1), fixed_line, out.strip().splitlines()[-1]))
+    report = "windows %s\nlags %s\n%s" % (np.round(each, 3).tolist(), np.round(lags, 1).tolist(), out)
+    assert corr >= 0.95, report
     assert corr > raw + 0.01, "the cable must carry the processed signal, not the microphone passed through"
-    assert abs(latency_ms - algorithm_ms) <= 100
+    assert algorithm_ms <= said_ms and -50 <= latency_ms - said_ms <= 20, (latency_ms, said_ms, algorithm_ms)
     if low_latency:
         assert latency_ms <= 80, "the low-latency chain promises at most 80 ms from microphone to cable"
 
 
 def _piecewise_match(reference, live, raw, window=RATE // 2, min_windows=8):
-    """Correlation of live with reference after aligning each half second on its own (a loaded test machine
-    can make the sound server drop a few samples unannounced, which shifts everything after it), the lag of
-    each window, and the same correlation with the raw microphone at those lags."""
-    ref_parts, live_parts, raw_parts, lags = [], [], [], []
+    """The median over half-second windows, each aligned on its own, of live's correlation with reference and
+    with the raw microphone, and each window's lag. A loaded test machine can make the sound server drop a few
+    samples unannounced, or shift a stream by 4 ms and back a second later (docs/EXPERIMENTS.md): the window it
+    falls in no single line of lags can match, while a wrong path (the raw microphone, other audio) fails them all."""
+    each, each_raw, lags = [], [], []
     for begin in range(0, len(reference) - window + 1, window):
         seg = reference[begin:begin + window]
         if np.sqrt(np.mean(seg ** 2)) < 1e-4:  # near-silent: its alignment would be noise
             continue
-        lag = _aligned_lag(seg, live[begin:begin + window + RATE], max_lag=RATE)
-        if begin + lag + window > len(live):
+        got, lag = _stretched_part(seg, live, begin)
+        if got is None:
             break
         lags.append(lag)
-        ref_parts.append(seg)
-        live_parts.append(live[begin + lag:begin + lag + window])
-        raw_parts.append(raw[begin:begin + window])
+        each.append(np.corrcoef(seg, got)[0, 1])
+        each_raw.append(np.corrcoef(raw[begin:begin + window], got)[0, 1])
     assert len(lags) >= min_windows, "too little audio reached the cable"
-    joined = np.concatenate(live_parts)
-    corr = np.corrcoef(np.concatenate(ref_parts), joined)[0, 1]
-    raw_corr = np.corrcoef(np.concatenate(raw_parts), joined)[0, 1]
-    return corr, np.array(lags), raw_corr
+    return float(np.median(each)), np.array(lags), float(np.median(each_raw)), np.array(each)
 
 
 def _short_window_match(reference, live, window=RATE // 25, max_lag=RATE):
@@ -919,18 +988,22 @@ def test_idle_while_no_app_records_and_back_within_200_ms(script, sound_server, 
 
 
 def test_bypass_is_the_raw_microphone_at_the_same_delay(sound_server, fake_mic, cable, probe, speech_wav, tmp_path):
-    """SIGUSR1 four times, 3 s apart, over 20 s of noisy speech: the cable alternates between file mode's output
-    and the raw microphone at the same level, and across each switch the lag stays where it was (to the
-    sample: test_bypass_delay_is_each_chains_own below)."""
+    """SIGUSR1 four times, 3 s apart, over noisy speech once the delay is fixed: the cable alternates between file
+    mode's output and the raw microphone at the same level, and across each switch the lag stays where it was
+    (to the sample: test_bypass_delay_is_each_chains_own below)."""
     import soundfile as sf
     import ml_denoiser_pipeline as module
     speech, rate = sf.read(speech_wav, dtype="float32")
     long_wav = tmp_path / "long.wav"
-    sf.write(long_wav, np.tile(speech, 2), rate)
-    live = _live(sound_server, [REPO / "ml_denoiser_pipeline.py", "--mic", FAKE_MIC, "--quiet", "--no-idle"])
+    sf.write(long_wav, np.tile(speech, 3), rate)
+    live = _live(sound_server, [REPO / "ml_denoiser_pipeline.py", "--mic", FAKE_MIC, "--status-interval-s", "0.5",
+                                "--no-idle"])
     live.wait_for(live_audio.READY_LINE)
     player = sound_server.play(str(long_wav), FAKE_MIC_SINK)
-    time.sleep(1.0)
+    played_at = time.monotonic()
+    # Settling refills move the delay on purpose; the switches must not land there.
+    live.wait_for(live_audio.FIXED_LINE, timeout=15)
+    fixed_after_s = time.monotonic() - played_at
     for _ in range(4):
         time.sleep(3.0)
         live.proc.send_signal(signal.SIGUSR1)
@@ -946,34 +1019,32 @@ def test_bypass_is_the_raw_microphone_at_the_same_delay(sound_server, fake_mic, 
     # Quarter-second windows, each aligned on its own against both candidates: the private PipeWire sometimes
     # moves a stream's rate by 1-2 % for a second or so (docs/EXPERIMENTS.md), and the servo moves it back.
     window = RATE // 4
-    states, lags, levels = [], [], []
-    for begin in range(start, stop - window - RATE, window):
-        found = []
-        for source in (reference, mic):
-            seg = source[begin:begin + window]
-            lag = _aligned_lag(seg, cabled[begin:begin + window + RATE], max_lag=RATE)
-            got = cabled[begin + lag:begin + lag + window]
-            silent = np.std(got) == 0 or np.std(seg) == 0  # the cable's start and end
-            found.append((0.0 if silent else np.corrcoef(seg, got)[0, 1], lag, np.std(got) / max(np.std(seg), 1e-9)))
-        (c_den, lag_den, _), (c_raw, lag_raw, gain_raw) = found
-        if c_raw > 0.98:
-            states.append("B"), lags.append(lag_raw), levels.append(20 * np.log10(gain_raw))
-        elif c_den > 0.85 and c_raw < 0.95:
+    states, lags, levels, scores = [], [], [], []
+    for begin in range(start + int((fixed_after_s + 0.25) * RATE), stop - window - RATE, window):
+        (c_den, lag_den), (c_raw, lag_raw) = (_stretched_match(source[begin:begin + window], cabled, begin)
+                                              for source in (reference, mic))
+        scores.append((round(c_den, 3), round(c_raw, 3)))
+        # Which of the two the window is, by a clear margin: a loaded machine garbles the odd window for both
+        # (the sound server's own xruns), and then neither is near 1.
+        if c_raw > 0.9 and c_raw > c_den + 0.1:
+            gain = np.std(cabled[begin + int(lag_raw):begin + int(lag_raw) + window]) / np.std(mic[begin:begin + window])
+            states.append("B"), lags.append(lag_raw), levels.append(20 * np.log10(gain))
+        elif c_den > 0.85 and c_den > c_raw + 0.1:
             states.append("D"), lags.append(lag_den), levels.append(None)
         else:  # straddles a switch, a dropped block or a shift of the sound server's
             states.append("-"), lags.append(None), levels.append(None)
     kept = [i for i, s in enumerate(states) if s != "-"]
     runs = [states[i] for j, i in enumerate(kept) if j == 0 or states[kept[j - 1]] != states[i]]
     switches = [(kept[j - 1], i) for j, i in enumerate(kept) if j and states[kept[j - 1]] != states[i]]
-    steps = [lags[i] - lags[h] for h, i in switches]
+    steps = [round(float(lags[i] - lags[h]), 1) for h, i in switches]
     bypassed_db = [v for v in levels if v is not None]
-    print("%s\nlag steps across the switches %s; bypassed level %+.2f dB\n%s"
-          % ("".join(states), steps, np.median(bypassed_db), out.strip().splitlines()[-1]))
-    assert runs == ["D", "B", "D", "B", "D"], "".join(states)
+    report = "%s\n(denoised, raw) correlation per window %s\n%s" % ("".join(states), scores, out)
+    print("%s\nlag steps across the switches %s; bypassed level %+.2f dB" % (report, steps, np.median(bypassed_db)))
+    assert runs == ["D", "B", "D", "B", "D"], report
     # Within 10 ms at three of the four: what the servo (at most 1 %) and the server's own shifts (4-12 ms, now
     # and then, uncounted) can move between two windows a quarter second either side of a switch; a bypass at
     # the wrong delay is off by the chain's hop or window (100-200 ms) at every switch.
-    assert sum(abs(d) <= RATE // 100 for d in steps) >= 3, (steps, "".join(states))
+    assert sum(abs(d) <= RATE // 100 for d in steps) >= 3, (steps, report)
     assert abs(np.median(bypassed_db)) < 0.5, bypassed_db
 
 
