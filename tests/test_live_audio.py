@@ -694,7 +694,6 @@ def test_live_pipeline_matches_file_mode(script, flags, sound_server, fake_mic, 
     live.wait_for(live_audio.FIXED_LINE, timeout=15)  # settling ends 5 s after the devices start
     fixed_after_s = time.monotonic() - played_at
     time.sleep(5.0)
-    stopped_after_s = time.monotonic() - played_at
     code, out, err = live.stop()
     assert player.poll() is None, "the speech ended before the pipeline was stopped"
     player.terminate()
@@ -718,12 +717,13 @@ def test_live_pipeline_matches_file_mode(script, flags, sound_server, fake_mic, 
     mic, cabled = recording[:, 0], recording[:, 1]
     reference = module.denoise_array(mic, low_latency=True) if low_latency else module.denoise_array(mic)
     algorithm_ms = module.latency_ms(module.default_config(low_latency=True)) if low_latency else module.latency_ms()
-    start, _ = _active_span(mic)
     # Settling refills (a sound server's rate matching drains the ring in the first seconds) move the delay on
     # purpose: compare what the microphone played after the delay was fixed, up to what reached the cable before
-    # the stop (the delay is under 0.5 s).
-    start, stop = start + int((fixed_after_s + 0.25) * RATE), start + int((stopped_after_s - 0.75) * RATE)
-    corr, lags, raw, each = _piecewise_match(reference[start:stop], cabled[start:], mic[start:stop], min_windows=6)
+    # the stop (the delay is under half a second).
+    start = _active_span(mic)[0] + int((fixed_after_s + 0.25) * RATE)
+    stop = _active_span(cabled)[1] - 3 * RATE // 4
+    assert stop - start >= 3 * RATE, "%.1f s compared:\n%s" % ((stop - start) / RATE, out)
+    corr, lags, raw, each = _piecewise_match(reference[start:stop], cabled[start:], mic[start:stop])
     latency_ms = 1000.0 * float(np.median(lags)) / RATE
     # What the pipeline said at start ("latency: ... ms total"): its algorithm, its cushion and the devices'
     # buffers as PortAudio reports them, which the probe's own path through the server measures a little under.
@@ -736,16 +736,17 @@ def test_live_pipeline_matches_file_mode(script, flags, sound_server, fake_mic, 
     report = "windows %s\nlags %s\n%s" % (np.round(each, 3).tolist(), np.round(lags, 1).tolist(), out)
     assert corr >= 0.95, report
     assert corr > raw + 0.01, "the cable must carry the processed signal, not the microphone passed through"
-    assert algorithm_ms <= said_ms and -50 <= latency_ms - said_ms <= 20, (latency_ms, said_ms, algorithm_ms)
+    assert algorithm_ms <= said_ms and -60 <= latency_ms - said_ms <= 25, (latency_ms, said_ms, algorithm_ms)
     if low_latency:
         assert latency_ms <= 80, "the low-latency chain promises at most 80 ms from microphone to cable"
 
 
-def _piecewise_match(reference, live, raw, window=RATE // 2, min_windows=8):
-    """The median over half-second windows, each aligned on its own, of live's correlation with reference and
-    with the raw microphone, and each window's lag. A loaded test machine can make the sound server drop a few
-    samples unannounced, or shift a stream by 4 ms and back a second later (docs/EXPERIMENTS.md): the window it
-    falls in no single line of lags can match, while a wrong path (the raw microphone, other audio) fails them all."""
+def _piecewise_match(reference, live, raw, window=RATE // 16, min_windows=32):
+    """The median over short windows, each aligned on its own, of live's correlation with reference and with the
+    raw microphone, and each window's lag. A loaded test machine can make the sound server drop a few samples
+    unannounced, or shift a stream by 4 ms and back a few hundred ms later, several times a second under a CPU
+    quota (docs/EXPERIMENTS.md): the window a shift falls in no single line of lags can match, so windows are
+    short, while a wrong path (the raw microphone, other audio) fails them all."""
     each, each_raw, lags = [], [], []
     for begin in range(0, len(reference) - window + 1, window):
         seg = reference[begin:begin + window]
