@@ -65,6 +65,7 @@ DEVICE_STALL_S = 1.5       # [0.1, 60] a device whose callbacks stop this long, 
 RESAMPLE_QUALITY = "LQ"    # soxr quality when a device refuses 16 kHz: QQ, LQ (least delay), MQ, HQ, VHQ (more delay)
 SETTLE_S = 0.5             # settled_* never count the first this many seconds (a chain's startup_ms wins; --settle-s)
 IDLE = True                # Linux: close the devices and skip the model while no app records from the cable
+IDLE_FLUSH_S = 0.1         # silence run through the chain on going idle (its latency and frame, if longer), s
 BYPASS = False             # start in bypass: the raw microphone at the same delay and level (Enter/SIGUSR1 toggle)
 BYPASS_FADE_MS = 10.0      # [0.5, 500] crossfade between denoised and raw audio on a toggle; shorter = may click
 DELAY_WINDOW = 100         # [10, 10000] the delay shown is the median over this many output blocks (1 s at 10 ms blocks)
@@ -884,14 +885,16 @@ def run_live(chain, args):
 
 
 def _set_idle(engine, session, idle, mic_index, cable_index):
-    """Close the devices while no app listens; reopen them when one does, the chain first flushed with silence so
-    no stale audio from before the pause reaches the new listener. Returns the new idle state."""
+    """Close the devices while no app listens, and flush the chain with silence then, so no stale audio from
+    before the pause reaches the next listener and waking up costs no model calls; reopen them when one does.
+    Returns the new idle state."""
     if idle:
         engine.close_streams()
+        chain = engine.chain  # IDLE_FLUSH_S: the DSP chain's filters ring on past its 5 ms latency
+        flush = max(chain.latency_samples + getattr(chain, "frame_samp", 0), int(IDLE_FLUSH_S * SAMPLE_RATE))
+        chain.process(np.zeros(flush, np.float32))
         session.say("idle: no app is recording from the cable; microphone closed, model paused")
         return True
-    chain = engine.chain
-    chain.process(np.zeros(chain.latency_samples + getattr(chain, "frame_samp", 0), np.float32))
     engine.bypass.reset()
     engine.open_streams(mic_index, cable_index)
     session.say("an app is recording from the cable: %s" % ("bypass (raw mic)" if engine.bypass.on else "denoising"))
