@@ -593,7 +593,9 @@ def _lag_scores(reference, live, max_lag):
     energy = np.concatenate([[0.0], np.cumsum(np.square(live, dtype=np.float64))])
     n = len(reference)
     k = np.arange(len(cc))
-    return cc / (np.sqrt(energy[np.minimum(k + n, len(live))] - energy[k]) + 1e-9)
+    norm = np.sqrt(np.maximum(energy[np.minimum(k + n, len(live))] - energy[k], 0.0))
+    # A stretch of live near silence (the cable before audio reaches it) scores 0, not rounding noise over ~0.
+    return np.where(norm > 0.01 * np.sqrt(np.sum(np.square(reference, dtype=np.float64))), cc / (norm + 1e-30), 0.0)
 
 
 def _aligned_lag(reference, live, max_lag=RATE):
@@ -760,6 +762,20 @@ def _piecewise_match(reference, live, raw, window=RATE // 16, min_windows=32):
         each_raw.append(np.corrcoef(raw[begin:begin + window], got)[0, 1])
     assert len(lags) >= min_windows, "too little audio reached the cable"
     return float(np.median(each)), np.array(lags), float(np.median(each_raw)), np.array(each)
+
+
+def test_piecewise_match_follows_the_servos_speed_change(speech_wav):
+    """The live tests' yardstick: speech played up to SERVO_MAX_RATE fast or slow and delayed by a fraction of a
+    sample still matches itself window by window, at the lag it has in each window's middle; other speech does not."""
+    import soundfile as sf
+    speech = sf.read(speech_wav, dtype="float32")[0][:4 * RATE]
+    for rate in (0.0, 0.004, -live_audio.SERVO_MAX_RATE):
+        t = np.arange(len(speech) + RATE) / (1 + rate) - 3000.6  # sample i of speech plays at (i + 3000.6)(1 + rate)
+        live = np.interp(t, np.arange(len(speech)), speech, left=0, right=0).astype(np.float32)
+        corr, lags, other, _ = _piecewise_match(speech[:3 * RATE], live, speech[RATE:4 * RATE])
+        middle = np.arange(RATE // 32, 3 * RATE, RATE // 16)[:len(lags)]
+        assert corr > 0.98 and other < 0.5, (rate, corr, other)
+        assert np.median(np.abs(lags - (3000.6 * (1 + rate) + middle * rate))) < 0.5, rate
 
 
 def _short_window_match(reference, live, window=RATE // 25, max_lag=RATE):
