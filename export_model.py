@@ -56,7 +56,7 @@ def load_checkpoint(path):
             raise SystemExit(f"error: {paths[0]} takes the noisy phase as input (--stream-phase), which the "
                              "pipeline does not feed yet; it can be trained and validated, not exported")
         net = M.StreamNet(cfg.get("hidden", M.STREAM_HIDDEN), mask=cfg.get("mask", "real"),
-                          bands=cfg.get("bands", 0))
+                          bands=cfg.get("bands", 0), head=cfg.get("head", 0))
         net.load_state_dict(ck["model"])
         return net.eval(), ck
     net = M.UNet(cfg.get("base_ch", M.BASE_CH), in_ch=ck["model"]["e1.0.weight"].shape[1])
@@ -107,6 +107,8 @@ def base_metadata(net, ck=None):
             meta["mask"] = net.mask
         if net.bands:  # absent means every bin; the pipeline needs neither (the ONNX graph pools and spreads)
             meta["bands"] = net.bands
+        if net.head:  # absent means none; inside the graph too
+            meta["head"] = net.head
     else:
         meta = {"sample_rate": M.SAMPLE_RATE, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
                 "window_samp": cfg.get("window_samp", 3200), "context_samp": cfg.get("context_samp", 0),

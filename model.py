@@ -34,6 +34,9 @@ net for a different budget: 32 ms of algorithmic latency and a fiftieth of a cor
   - A real mask in [0, 1] on the noisy phase, as the U-Net: bounded, so it can only remove, never invent.
     STREAM_MASK = "complex" makes it a complex gain of length below 1 (GTCRN's and DCCRN's choice): still only
     removing, but able to turn the phase, which a real mask leaves noisy wherever noise dominates a bin.
+  - Optionally (STREAM_HEAD > 0) a small convolution across the inputs after the GRUs, the same filter slid along
+    the bands, refines each gain from its neighbours and its own input (GTCRN's and FastEnhancer's layers shared
+    across frequency); it looks at one frame only, so it adds no state and no latency.
 Whole-utterance (StreamNet.forward) and frame-by-frame (StreamNet.step, what the ONNX export runs with its state
 as an explicit input and output) share every weight and every operation, so they agree to float rounding.
 """
@@ -237,6 +240,9 @@ STREAM_BANDS = 48           # bins above STREAM_LINEAR_BINS pooled into this man
 STREAM_LINEAR_BINS = 65     # with bands, the bins kept one by one (65 = up to 2 kHz, where the harmonics are dense)
 STREAM_PHASE = False        # also feed the noisy phase (cos, sin) of the STREAM_LINEAR_BINS lowest bins: for a complex
                             # mask, which has nothing to turn the phase by without it (training only, not exported yet)
+STREAM_HEAD = 0             # channels of a small convolution across the bands that refines each gain from its neighbours
+                            # and its own input (0 = none, the gains straight from the GRUs; 16 = with GRUs of 200)
+HEAD_KERNEL = 5             # that convolution's width in bands (two layers, the second dilated: +-6 bands in all)
 NORM_TAU_S = 1.0            # time constant of the running mean each bin is measured against; longer = steadier
 NORM_INIT = -7.0            # running mean's start (log|X|, about a quiet room); the state holds the offset from it
 FEAT_CENTRE, FEAT_SCALE = -6.0, 4.0  # log|X| is mapped to (log|X| - centre) / scale: roughly -2..2 for speech
@@ -271,7 +277,7 @@ class StreamNet(nn.Module):
     passed as phase= to forward and step: what a complex mask needs to know which way to turn."""
 
     def __init__(self, hidden=STREAM_HIDDEN, groups=STREAM_GROUPS, bins=STREAM_N_FFT // 2 + 1, mask=STREAM_MASK,
-                 bands=STREAM_BANDS, phase=STREAM_PHASE):
+                 bands=STREAM_BANDS, phase=STREAM_PHASE, head=STREAM_HEAD):
         super().__init__()
         if hidden % groups:
             raise ValueError(f"hidden {hidden} must split into {groups} equal groups")
@@ -279,7 +285,9 @@ class StreamNet(nn.Module):
             raise ValueError(f"mask is 'real' or 'complex', not {mask!r}")
         if bands and not 2 <= bands <= bins - STREAM_LINEAR_BINS:
             raise ValueError(f"bands is 0 (every bin) or 2..{bins - STREAM_LINEAR_BINS}, not {bands}")
-        self.hidden, self.groups, self.bins, self.mask, self.bands = hidden, groups, bins, mask, bands
+        if head and mask != "real":
+            raise ValueError("the convolution head refines a real mask; use head=0 with a complex one")
+        self.hidden, self.groups, self.bins, self.mask, self.bands, self.head = hidden, groups, bins, mask, bands, head
         self.width = STREAM_LINEAR_BINS + bands if bands else bins  # what the model sees and gives per frame
         if bands:  # fixed, not learnt: out of the state dict, so checkpoints hold only weights
             w = erb_bands(bins, bands)
@@ -291,7 +299,14 @@ class StreamNet(nn.Module):
         self.gru1 = nn.GRU(hidden, hidden, batch_first=True)
         g = hidden // groups
         self.gru2 = nn.ModuleList(nn.GRU(g, g, batch_first=True) for _ in range(groups))
-        self.out = nn.Linear(hidden, self.width * (2 if mask == "complex" else 1))
+        self.out = nn.Linear(hidden, self.width * (2 if mask == "complex" else 1 + 2 * bool(head)))
+        if head:  # in: the GRUs' gain and two more channels per input, and that input's own two features
+            k = HEAD_KERNEL
+            self.refine = nn.Sequential(nn.Conv1d(5, head, k, padding=k // 2), nn.ReLU(),
+                                        nn.Conv1d(head, head, k, padding=k // 2 * 2, dilation=2), nn.ReLU(),
+                                        nn.Conv1d(head, 1, 1))
+            nn.init.zeros_(self.refine[-1].weight)  # starts as the plain model: the head adds nothing until it learns
+            nn.init.zeros_(self.refine[-1].bias)
         self.state_size = self.width + 2 * hidden  # running mean per input, gru1's hidden, gru2's groups' hiddens
 
     def features(self, logmag):
@@ -329,10 +344,22 @@ class StreamNet(nn.Module):
         parts, states = y1.chunk(self.groups, -1), h2.chunk(self.groups, -1)
         outs = [gru(p, s.contiguous()) for gru, p, s in zip(self.gru2, parts, states)]
         y2 = torch.cat([o[0] for o in outs], -1) + y1
-        mask = self.to_mask(self.out(y2))
+        raw = self.out(y2)
+        if self.head:
+            raw = self.refined(raw, feats[..., :2 * self.width])
+        mask = self.to_mask(raw)
         if self.bands:  # each bin a convex mix of its bands' gains: still within [0, 1], or of length below 1
             mask = mask @ self.spread
         return mask, h1, torch.cat([o[1] for o in outs], -1)
+
+    def refined(self, raw, local):
+        """[B, T, 3 x width] from the GRUs and [B, T, 2 x width] features -> [B, T, width] gain logits: the GRUs'
+        logit plus what the convolution across neighbouring inputs adds. The dense layers see the whole frame but
+        weigh each input apart; the same small filter slid along the bands learns what a harmonic or a band edge
+        looks like once, for all of them (GTCRN's and FastEnhancer's shared-across-frequency layers)."""
+        w = self.width
+        x = torch.cat([raw, local], -1).reshape(-1, 5, w)
+        return raw[..., :w] + self.refine(x).reshape(raw.shape[:-1] + (w,))
 
     def to_mask(self, raw):
         if self.mask == "real":

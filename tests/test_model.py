@@ -110,6 +110,7 @@ def test_stream_model_is_within_the_parameter_budget():
     assert M.count_parameters(M.StreamNet(180, mask="complex")) <= 500_000  # the complex mask's twice the outputs
     assert M.count_parameters(M.StreamNet(208, bands=48)) <= 500_000  # bands: the weights go to the GRUs
     assert M.count_parameters(M.StreamNet(200, bands=48, mask="complex", phase=True)) <= 500_000
+    assert M.count_parameters(M.StreamNet(200, bands=48, head=16)) <= 500_000
 
 
 def test_erb_bands_keep_the_low_bins_and_share_every_high_bin_out():
@@ -158,13 +159,17 @@ def test_stream_framing_with_unit_mask_gives_the_input_back():
     assert torch.allclose(out, x[:, :out.shape[1]], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind,bands,phase", [("real", 0, False), ("complex", 0, False), ("real", 48, False),
-                                              ("complex", 48, False), ("complex", 48, True)])
-def test_stream_steps_equal_the_whole_utterance(kind, bands, phase):
+@pytest.mark.parametrize("kind,bands,phase,head", [("real", 0, False, 0), ("complex", 0, False, 0),
+                                                   ("real", 48, False, 0), ("complex", 48, False, 0),
+                                                   ("complex", 48, True, 0), ("real", 48, False, 8)])
+def test_stream_steps_equal_the_whole_utterance(kind, bands, phase, head):
     """Frame by frame with the state carried equals one pass over the utterance, over more frames than the
     running mean's chunk (256), from a zero state and from a state left by earlier audio."""
     torch.manual_seed(0)
-    net = M.StreamNet(hidden=32, mask=kind, bands=bands, phase=phase).eval()
+    net = M.StreamNet(hidden=32, mask=kind, bands=bands, phase=phase, head=head).eval()
+    if head:  # its last layer starts at zero (the head adds nothing yet): give it weights to check
+        for p in net.refine[-1].parameters():
+            torch.nn.init.normal_(p)
     spec = M.stream_frames(torch.randn(2, 340 * M.STREAM_HOP_SAMP) * 0.1)
     logmag, ph = M.stream_log_magnitude(spec), M.stream_phase(spec, net.phase_bins) if phase else None
     at = lambda t: None if ph is None else ph[:, t]
@@ -187,16 +192,44 @@ def test_stream_steps_equal_the_whole_utterance(kind, bands, phase):
         assert whole.square().sum(2).sqrt().max() < 1  # a complex gain's length: it can only remove
 
 
-@pytest.mark.parametrize("mask,bands", [("real", 0), ("complex", 0), ("real", 48)])
-def test_stream_model_is_causal(mask, bands):
+@pytest.mark.parametrize("mask,bands,head", [("real", 0, 0), ("complex", 0, 0), ("real", 48, 0), ("real", 48, 8)])
+def test_stream_model_is_causal(mask, bands, head):
     """Changing frame 50 changes no mask before it."""
-    net = M.StreamNet(hidden=32, mask=mask, bands=bands).eval()
+    net = M.StreamNet(hidden=32, mask=mask, bands=bands, head=head).eval()
+    if head:
+        for p in net.refine[-1].parameters():
+            torch.nn.init.normal_(p)
     a = torch.randn(1, 80, 257)
     b = a.clone()
     b[:, 50] += 3
     with torch.no_grad():
         ma, mb = net(a), net(b)
     assert torch.equal(ma[:, :50], mb[:, :50]) and not torch.equal(ma[:, 50:], mb[:, 50:])
+
+
+def test_convolution_head_starts_as_the_plain_model_and_sees_neighbouring_bands():
+    """With its last layer at zero a head model gives exactly the mask of the same weights without the head;
+    once trained, a change in one input's features moves the gains of its neighbours (up to 6 inputs away)
+    and of nothing further. It refines a real mask only."""
+    torch.manual_seed(0)
+    plain, headed = M.StreamNet(32, bands=48).eval(), M.StreamNet(32, bands=48, head=8).eval()
+    state = {k: v for k, v in headed.state_dict().items() if not k.startswith("refine")}
+    w = plain.width
+    state["out.weight"], state["out.bias"] = state["out.weight"][:w], state["out.bias"][:w]
+    plain.load_state_dict(state)
+    logmag = torch.randn(1, 30, 257) - 5
+    with torch.no_grad():
+        assert torch.equal(plain(logmag), headed(logmag))
+        for p in headed.refine[-1].parameters():
+            torch.nn.init.normal_(p)
+        raw = torch.randn(1, 1, 3 * w)
+        local = torch.randn(1, 1, 2 * w)
+        moved = local.clone()
+        moved[..., 20] += 1  # input 20's normalised log-magnitude
+        delta = (headed.refined(raw, moved) - headed.refined(raw, local))[0, 0].abs()
+    assert delta[14:27].gt(0).sum() >= 10 and not delta[:14].any() and not delta[27:].any()
+    with pytest.raises(ValueError, match="refines a real mask"):
+        M.StreamNet(32, mask="complex", head=8)
 
 
 def test_phase_features_are_the_low_bins_unit_phasors_and_a_phase_model_needs_them():

@@ -344,6 +344,33 @@ def test_complex_mask_on_bands_stream_model_trains_resumes_and_exports(tiny_corp
         train.main(tiny_args(tiny_corpus, tmp_path / "bad", *STREAM, "--stream-bands", "500"))
 
 
+def test_convolution_head_stream_model_trains_resumes_and_exports(tiny_corpus, tmp_path, monkeypatch):
+    """--stream-head 4: recorded in the recipe, kept on --resume, exported with metadata head=4 and run by the
+    pipeline with the same state as a model without it; refused with a complex mask."""
+    import export_model
+    import ml_denoiser_pipeline as P
+    import onnxruntime as ort
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "hd"
+    flags = [*STREAM, "--stream-head", "4", "--stream-bands", "16", "--steps-per-epoch", "4", *PLAIN_FLAGS]
+    assert train.main(tiny_args(tiny_corpus, out, *flags, "--epochs", "1")) == 0
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["config"]["head"] == 4 and ck["model"]["refine.0.weight"].shape[0] == 4
+    with pytest.raises(SystemExit, match="head 4, not 0"):
+        train.main(tiny_args(tiny_corpus, out, "--resume", "--epochs", "2", "--stream-head", "0"))
+    assert train.main(tiny_args(tiny_corpus, out, "--resume", "--epochs", "2", "--steps-per-epoch", "4")) == 0
+    onnx_path = tmp_path / "hd.onnx"
+    assert export_model.main(["--checkpoint", str(out / "best.pt"), "--output", str(onnx_path), "--dev", ""]) == 0
+    meta = ort.InferenceSession(str(onnx_path)).get_modelmeta().custom_metadata_map
+    assert meta["head"] == "4" and meta["state_size"] == str(M.STREAM_LINEAR_BINS + 16 + 2 * 32)
+    chain = P.make_chain(P.default_config(model=str(onnx_path)))
+    assert isinstance(chain, P.StreamChain)
+    y = chain.process(0.1 * np.random.default_rng(0).standard_normal(4096).astype(np.float32))
+    assert np.isfinite(y).all() and np.abs(y).max() > 0
+    with pytest.raises(SystemExit, match="--stream-head refines a real mask"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "bad", *STREAM, "--stream-head", "4", "--stream-mask", "complex"))
+
+
 def test_phase_input_stream_model_trains_resumes_and_is_not_exported(tiny_corpus, tmp_path, monkeypatch):
     """--stream-phase: the low bins' noisy phase as extra inputs, recorded in the recipe and kept on --resume
     (an older checkpoint without the key resumes without it); the export refuses it in one line, since the
