@@ -44,7 +44,7 @@ MIC_COLOUR_PROB = 0.5        # [0, 1] share of mixtures (speech and noise alike)
                              # low/high shelves of +-SHELF_DB, a 50-300 Hz high-pass, half the time a 4-8 kHz low-pass
 SHELF_DB = 6.0               # [0, 20] largest shelf boost or cut of that response
 # ------------------------------------------------------------------------------------------------------------
-SILENT_SEGMENT_DB = -25.0    # re-draw a speech segment quieter than this relative to its file (SI-SNR is undefined on silence)
+SILENT_SEGMENT_DB = -25.0    # re-draw a speech segment this far below its file's level (SI-SNR is undefined on silence)
 SILENT_FILE_RMS = 1e-5       # noise files quieter than this are skipped
 CACHE_DIR = ".cache"         # decoded corpora live here as .npz; delete it after changing the audio folders
 AUDIO_EXTS = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf"}

@@ -1,6 +1,6 @@
 """Export a training checkpoint to the ONNX model the pipeline runs (denoiser.onnx).
 
-    python export_model.py                                  # the shipped model, re-exported (weights equal to float32 rounding)
+    python export_model.py                                  # the shipped model again (equal to float32 rounding)
     python export_model.py --checkpoint checkpoints/last.pt --output my.onnx
     python export_model.py --int8                           # also denoiser.int8.onnx, with its cost and gain
     python export_model.py --checkpoint a.pt b.pt           # the average of two fine-tunes' weights
@@ -228,7 +228,8 @@ def int8_report(fp32_path, int8_path, dev_dir, n_files):
         rows.append(row)
         print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     if "pesq_wb" in rows[0]:
-        print(f"INT8 PESQ-WB change on {n_files} dev pairs (full chain): {rows[1]['pesq_wb'] - rows[0]['pesq_wb']:+.3f}")
+        change = rows[1]["pesq_wb"] - rows[0]["pesq_wb"]
+        print(f"INT8 PESQ-WB change on {n_files} dev pairs (full chain): {change:+.3f}")
     return rows
 
 

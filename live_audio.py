@@ -47,7 +47,7 @@ BLOCK_MS = 10              # [1, 200] device callback period, ms: smaller lowers
 DEVICE_LATENCY = "low"     # PortAudio's suggested device latency: "low", "high" or seconds; "high" if audio crackles
 OUT_TARGET_MS = 40         # [0, 5000] output cushion for device and scheduling jitter, ms, on top of the chain's
                            # measured slow call; raise it if the status line counts dropouts (crackle)
-CUSHION_MARGIN = 1.5       # [1, 10] the cushion covers the chain's slowest warm-up call times this; up = safer, more delay
+CUSHION_MARGIN = 1.5       # [1, 10] cushion = the chain's slowest warm-up call times this; up = safer, more delay
 OUT_TARGET_MAX_MS = 250    # [50, 5000] the cushion never exceeds this, ms, whatever the warm-up measured
 WARMUP_S = 1.0             # [0, 10] seconds of silence run through the chain before the devices start, to time it
 FADE_MS = 2.0              # [0.1, 20] a dropout fades out and back in over this, ms; the output holds this much back
@@ -68,7 +68,7 @@ IDLE = True                # Linux: close the devices and skip the model while n
 IDLE_FLUSH_S = 0.1         # silence run through the chain on going idle (its latency and frame, if longer), s
 BYPASS = False             # start in bypass: the raw microphone at the same delay and level (Enter/SIGUSR1 toggle)
 BYPASS_FADE_MS = 10.0      # [0.5, 500] crossfade between denoised and raw audio on a toggle; shorter = may click
-DELAY_WINDOW = 100         # [10, 10000] the delay shown is the median over this many output blocks (1 s at 10 ms blocks)
+DELAY_WINDOW = 100         # [10, 10000] the delay shown is the median of this many output blocks (1 s of 10 ms blocks)
 DELAY_START_S = 2.0        # [0, 600] the stats line's delay_start_ms is taken this long after the delay was fixed
 MAX_PLAUSIBLE_DELAY_MS = 5000.0  # a meter reading outside 0..this is a host API's bad timestamps, not a delay
 SERVO = True               # hold the measured mic-to-cable delay where it was fixed, by playing the output a little

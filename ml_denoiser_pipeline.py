@@ -59,15 +59,15 @@ LOW_LATENCY_OUT_TARGET_MS = 20  # [0, 5000] live output cushion with --low-laten
 LOW_LATENCY_BLOCK_MS = 5   # [1, 200] live device block with --low-latency (--block-ms wins), ms: each ms is delay
 CROSSFADE_POWER = 0.3      # [0.05, 10] crossfade between windows: 1 = Hann, lower = a more even average of the two
                            # windows' estimates (smoother), higher = each window's centre counts more
-SPECTRAL_FLOOR = 0.03      # [0, 1] lowest mask value: 0 = the model's own .. 0.18 gentle; raise if the voice sounds thin
-MASK_POWER = 0.9           # [0.1, 4] mask ** this before the floor: 1 = the model's own; up = less noise, thinner speech
+SPECTRAL_FLOOR = 0.03      # [0, 1] lowest mask value: 0 = the model's own, 0.18 gentle; raise if the voice sounds thin
+MASK_POWER = 0.9           # [0.1, 4] mask ** this, before the floor: 1 = the model's; up = less noise, thinner speech
 PHASE_ITERS = 2            # [0, 16] Griffin-Lim rounds from the noisy phase (0 = noisy phase, as the model trains);
                            # each costs an STFT pair; more than 2 smears transients
 PAUSE_DEPTH_DB = 10.0      # [0, 60] extra cut of a hop the mask calls noise only (0 = off); up = quieter pauses,
                            # down if soft words fade
 PAUSE_BELOW_DB = -22.0     # [-60, 0] a hop whose mask passes at most this share of the noisy energy gets the full cut
 PAUSE_ABOVE_DB = -12.0     # [-60, 0] at or above this share the hop is speech and left alone; a smooth step between
-PAUSE_RELEASE = 5          # [1, 100] hops (100 ms each) over which the cut closes after speech; 1 = at once, up = gentler
+PAUSE_RELEASE = 5          # [1, 100] hops (100 ms each) the cut takes to close after speech; 1 = at once, up = gentler
 EQ = False                 # post-EQ (--eq): a presence boost; it colours the voice and lifts residual noise with it
 EQ_GAIN_DB = 5.0           # [0, 12] boost between EQ_LOW_HZ and EQ_HIGH_HZ; lower if the voice booms
 EQ_LOW_HZ = 100.0          # [20, 7900] lower edge of the boost band

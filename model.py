@@ -240,8 +240,7 @@ STREAM_BANDS = 48           # bins above STREAM_LINEAR_BINS pooled into this man
 STREAM_LINEAR_BINS = 65     # with bands, the bins kept one by one (65 = up to 2 kHz, where the harmonics are dense)
 STREAM_PHASE = False        # also feed the noisy phase (cos, sin) of the STREAM_LINEAR_BINS lowest bins: for a complex
                             # mask, which has nothing to turn the phase by without it (training only, not exported yet)
-STREAM_HEAD = 0             # channels of a small convolution across the bands that refines each gain from its neighbours
-                            # and its own input (0 = none, the gains straight from the GRUs; 16 = with GRUs of 200)
+STREAM_HEAD = 0             # channels of a convolution across bands refining each gain from its neighbours; 0 = none
 HEAD_KERNEL = 5             # that convolution's width in bands (two layers, the second dilated: +-6 bands in all)
 NORM_TAU_S = 1.0            # time constant of the running mean each bin is measured against; longer = steadier
 NORM_INIT = -7.0            # running mean's start (log|X|, about a quiet room); the state holds the offset from it

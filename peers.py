@@ -31,7 +31,8 @@ DTLN_LATENCY_MS = 32.0  # 512-sample block at 16 kHz, 128-sample shift
 DFN3_LATENCY_MS = 40.0  # 20 ms window + 2 frames of look-ahead (DeepFilterNet 3 paper)
 SPEEX_LATENCY_MS = 20.0  # 10 ms frame + 10 ms window overlap
 GTCRN_LATENCY_MS = 32.0  # 512-sample window, 256-sample hop at 16 kHz
-GTCRN_MODEL = Path(__file__).resolve().parent.parent / "shared" / "peers" / "gtcrn" / "gtcrn_simple.onnx"  # its ONNX file
+# GTCRN's ONNX file: ../shared/peers/gtcrn, beside the checkout (MIT; not ours to redistribute)
+GTCRN_MODEL = Path(__file__).resolve().parent.parent / "shared" / "peers" / "gtcrn" / "gtcrn_simple.onnx"
 
 
 class Unavailable(Exception):

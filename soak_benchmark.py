@@ -31,7 +31,7 @@ from sound_server import (CABLE_SINK, CABLE_SOURCE, FAKE_MIC, FAKE_MIC_SINK, GRA
 MINUTES = 10.0          # [0.5, 600] length of the run
 SIGNAL_S = 30.0         # [5, 300] length of the looped test signal; the delay is measured over windows of it
 WINDOW_S = 10.0         # [2, 60] each delay measurement correlates this much audio
-WARMUP_S = 20.0         # [1, 120] not measured: the pipeline's start-up, and PipeWire's ALSA bridge shifting its buffering once
+WARMUP_S = 20.0         # [1, 120] not measured: start-up, and PipeWire's ALSA bridge shifting its buffering once
                         # (never less than until the pipeline has fixed its delay: see first_window_s)
 MAX_DELAY_MS = 1000.0   # [50, 5000] the delay search range
 PIPELINES = {"ml": "ml_denoiser_pipeline.py", "dsp": "dsp_filter_pipeline.py"}

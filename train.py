@@ -250,7 +250,8 @@ RECIPE = {"arch": "arch", "stream_segment_samp": "stream_segment_samp", "hidden"
           "window_samp": "segment_samp", "floor_hops": "floor_hops",
           "floor_start_prob": "floor_start_prob", "mag_weight": "mag_weight", "mag_power": "mag_power",
           "stoi_weight": "stoi_weight", "seed": "seed", "batch_size": "batch_size",
-          "steps_per_epoch": "steps_per_epoch", "noise_exclude": "noise_exclude", **{key: key for key in dataset.MIXING}}
+          "steps_per_epoch": "steps_per_epoch", "noise_exclude": "noise_exclude",
+          **{key: key for key in dataset.MIXING}}
 
 
 def adopt_recipe(args, argv, ck, path):
@@ -407,7 +408,8 @@ def make_model(args, device, main_proc):
             # The scheduler updates the rate recursively from its last value, which at the end of a finished
             # cosine is the floor and would stay there: restart it where the longer cosine stands at this step.
             for group, base in zip(opt.param_groups, sched.base_lrs):
-                group["lr"] = args.lr_min + (base - args.lr_min) * (1 + math.cos(math.pi * ck["step"] / sched.T_max)) / 2
+                cosine = (1 + math.cos(math.pi * ck["step"] / sched.T_max)) / 2
+                group["lr"] = args.lr_min + (base - args.lr_min) * cosine
             sched._last_lr = [g["lr"] for g in opt.param_groups]
         epoch, step, best = ck["epoch"], ck["step"], ck["best"]
         args.init_from = ck["config"].get("init_from", "")  # a resumed fine-tune still started from there

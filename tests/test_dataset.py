@@ -72,7 +72,8 @@ def test_real_dev_set_reads_snr_from_manifest(dev_dir):
 
 
 def test_mixer_scored_part_is_never_silent():
-    """With the floor's past in front, a short word must land in the scored tail: SI-SNR on a silent tail is undefined."""
+    """With the floor's past in front, a short word must land in the scored tail: SI-SNR on a silent tail is
+    undefined."""
     rng = np.random.default_rng(0)
     word = rng.standard_normal(1000).astype(np.float32)
     noise = [rng.standard_normal(16000).astype(np.float32)]
