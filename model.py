@@ -357,7 +357,7 @@ class StreamNet(nn.Module):
         weigh each input apart; the same small filter slid along the bands learns what a harmonic or a band edge
         looks like once, for all of them (GTCRN's and FastEnhancer's shared-across-frequency layers)."""
         w = self.width
-        x = torch.cat([raw, local], -1).reshape(-1, 5, w)
+        x = torch.cat([raw, local], -1).reshape(-1, self.refine[0].in_channels, w)
         return raw[..., :w] + self.refine(x).reshape(raw.shape[:-1] + (w,))
 
     def to_mask(self, raw):
