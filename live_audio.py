@@ -76,12 +76,13 @@ SERVO = True               # hold the measured mic-to-cable delay where it was f
 SERVO_DEADBAND_MS = 1.0    # [0.1, 100] the servo starts when the delay is this far from where it was fixed, ms
 SERVO_TIME_S = 2.0         # [0.2, 60] it closes the gap with this time constant, s; shorter = faster, more audible
 SERVO_MAX_RATE = 0.01      # [0.0001, 0.05] fastest speed change while it does (0.01 = 1 %, a sixth of a semitone)
+GIL_SWITCH_MS = 0.5        # [0.05, 5] longest a Python thread keeps the interpreter from the audio callbacks, ms
 # ------------------------------------------------------------------------------------------------------------
 LIVE_FLAGS = ["BLOCK_MS", "DEVICE_LATENCY", "OUT_TARGET_MS", "CUSHION_MARGIN", "OUT_TARGET_MAX_MS", "WARMUP_S",
               "FADE_MS", "SETTLE_DELAY_S", "REANCHOR_MS", "OUT_REALIGN_MS", "IN_REALIGN_MS", "BUFFER_CAP_MS",
               "STATUS_INTERVAL_S", "WARN_INTERVAL_S", "RETRY_INTERVAL_S", "DEVICE_STALL_S", "RESAMPLE_QUALITY",
               "IDLE", "BYPASS", "BYPASS_FADE_MS", "DELAY_WINDOW", "DELAY_START_S", "SERVO", "SERVO_DEADBAND_MS",
-              "SERVO_TIME_S", "SERVO_MAX_RATE"]
+              "SERVO_TIME_S", "SERVO_MAX_RATE", "GIL_SWITCH_MS"]
 
 STATS_PREFIX = "stats:"  # the final summary line starts with this (tests and scripts parse it)
 READY_LINE = "live: running, Ctrl+C stops"  # printed once audio is flowing
@@ -786,6 +787,11 @@ def run_live(chain, args):
                         servo_time_s=opts["servo_time_s"], servo_max_rate=opts["servo_max_rate"])
     session = _Session(chain, args, out, err, opts["warn_interval_s"])
     engine.warm_up(opts["warmup_s"], opts["cushion_margin"])
+    # The device callbacks run in real-time threads but are Python, so they wait for the interpreter lock. By
+    # default a thread that wants it waits 5 ms before the holder is asked to let go, and a holder the OS then
+    # preempts on a busy machine keeps it longer still: callbacks that late lose microphone audio.
+    old_switch = sys.getswitchinterval()
+    sys.setswitchinterval(opts["gil_switch_ms"] / 1000.0)
     old_handlers = _install_stop_signals()
     toggles = _install_bypass_toggles(engine)
     watch = None
@@ -874,6 +880,7 @@ def run_live(chain, args):
         delay_end = engine.delay_ms()
         engine.close_streams()
         _restore_signals(old_handlers)
+        sys.setswitchinterval(old_switch)
         seconds = time.monotonic() - started if started is not None else 0.0
         settled = {k: engine.counts[k] - (settled_base or engine.counts)[k] for k in LiveEngine.COUNTERS}
         delays = [("delay_start_ms", delay_start), ("delay_end_ms", delay_end)]
