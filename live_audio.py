@@ -204,6 +204,7 @@ class LiveEngine:
         self.in_stream = self.out_stream = None
         self.in_rate = self.out_rate = SAMPLE_RATE
         self.in_calls = self.out_calls = 0  # callback heartbeats
+        self.in_frames = self.out_frames = 0  # what the devices delivered and took, at their own rates
         self._thread = None
         self._running = False
         self._wake = threading.Event()
@@ -299,6 +300,7 @@ class LiveEngine:
     # -- callbacks (no allocation of buffers, no printing, no blocking) -------------------------------------------
     def on_input(self, indata, frames, time_info, status):
         self.in_calls += 1
+        self.in_frames += frames
         if status:
             self.counts["device_xruns"] += 1
         if time_info is not None:
@@ -315,6 +317,7 @@ class LiveEngine:
         audio returns, skips exactly the samples the silence stood in for, fading back in. FADE_MS samples are
         always held back, so a fade-out has audio to fade."""
         self.out_calls += 1
+        self.out_frames += frames
         if status:
             self.counts["device_xruns"] += 1
         ring, out = self.out_ring, outdata[:, :1]
@@ -796,7 +799,7 @@ def run_live(chain, args):
     toggles = _install_bypass_toggles(engine)
     watch = None
     started = None
-    settled_base = None
+    settled_base = settled_frames = None
     was_fixed = False
     fixed_at = delay_start = delay_end = None
     code = 0
@@ -851,6 +854,7 @@ def run_live(chain, args):
             # Refills while the delay settles are how it finds the devices' jitter; settled_* count what follows.
             if settled_base is None and fixed and now - started >= settle_s:
                 settled_base = dict(engine.counts)
+                settled_frames = (engine.in_frames, engine.out_frames)
             if delay_start is None and fixed_at is not None and now - fixed_at >= opts["delay_start_s"]:
                 delay_start = engine.delay_ms()
             for i, value in enumerate((engine.in_calls, engine.out_calls)):
@@ -884,6 +888,12 @@ def run_live(chain, args):
         seconds = time.monotonic() - started if started is not None else 0.0
         settled = {k: engine.counts[k] - (settled_base or engine.counts)[k] for k in LiveEngine.COUNTERS}
         delays = [("delay_start_ms", delay_start), ("delay_end_ms", delay_end)]
+        if settled_frames is not None:
+            # Positive: the microphone delivered less than the cable took. Two clocks drift by a few ms a minute;
+            # more is audio lost before it reached us, which no cushion holds back from becoming dropouts.
+            took_s = (engine.out_frames - settled_frames[1]) / engine.out_rate
+            got_s = (engine.in_frames - settled_frames[0]) / engine.in_rate
+            delays.append(("settled_mic_short_ms", 1000.0 * (took_s - got_s)))
         session.say("%s seconds=%.2f %s %s%s" % (
             STATS_PREFIX, seconds, " ".join("%s=%d" % kv for kv in engine.counts.items()),
             " ".join("settled_%s=%d" % kv for kv in settled.items()),

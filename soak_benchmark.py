@@ -183,7 +183,8 @@ def report(args, out, audio, rss_start, rss_end, first_s):
         print("underruns by minute (where any): " + ", ".join(f"{m} min {n}" for m, n in by_minute))
     print(f"after warm-up: underruns={settled.get('settled_underruns', '?')} "
           f"overruns={settled.get('settled_overruns', '?')} realigns={settled.get('settled_realigns', '?')} "
-          f"device_xruns={settled.get('settled_device_xruns', '?')}")
+          f"device_xruns={settled.get('settled_device_xruns', '?')} "
+          f"microphone short by {settled.get('settled_mic_short_ms', '?')} ms (audio lost before the pipeline)")
     print(f"delay measured from {first_s:.1f} s of the recording (warm-up {args.warmup_s:g} s, or until the pipeline's "
           f"delay was fixed)")
     print("delay by minute: " + ", ".join(f"{t / 60:.0f} min {d:.2f} ms" for t, d in trace))

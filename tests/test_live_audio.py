@@ -201,6 +201,8 @@ def test_audio_lost_at_the_source_reanchors_instead_of_falling_silent():
     engine = live_audio.LiveEngine(DelayChain(0), out_target_ms=30, settle_delay_s=0)
     y = _feed(engine, x, lost=set(range(100, 115)))  # blocks the microphone never delivers
     assert engine.counts["underruns"] >= 1 and engine.counts["realigns"] == 1
+    # What the stats line reports as settled_mic_short_ms: the cable took 150 ms the microphone never gave.
+    assert engine.out_frames - engine.in_frames == 15 * 160
     first = _lag(x[:RATE], y[:RATE + 4000])
     tail = slice(len(y) - RATE // 2, len(y))
     after = _lag(x, np.concatenate([np.zeros(tail.start, np.float32), y[tail]]), max_lag=2 * RATE)
