@@ -557,6 +557,22 @@ class LiveProcess:
         return (self.proc.returncode,) + self.text()
 
 
+# A healthy server hands the microphone stream what the cable takes to within a block or two either side (the two
+# streams' periods where the counts are read); observed -10..+30 ms. Five blocks or more is audio the sound server
+# never delivered: a stalling machine, not the engine.
+MIC_LOSS_SKIP_MS = 50
+
+
+def _skip_if_the_server_lost_microphone_audio(stats, out):
+    """The engine holds its delay while nothing is lost at the source (issue 25); when the sound server loses
+    microphone audio before the pipeline, dropouts and delay shifts follow from it and say nothing about the
+    engine, so the run cannot judge it. Skipped, visibly, with the amount (settled_mic_short_ms)."""
+    short = stats.get("settled_mic_short_ms")
+    if short is not None and short >= MIC_LOSS_SKIP_MS:
+        pytest.skip("the sound server delivered %.0f ms less microphone audio than the cable took after the delay "
+                    "was fixed (a stalling machine); this run cannot judge the engine:\n%s" % (short, out))
+
+
 def _live(server, argv, extra_env=None):
     env = dict(server.env, PYTHONUNBUFFERED="1", **(extra_env or {}))
     return LiveProcess([sys.executable, *argv], env)
@@ -708,6 +724,7 @@ def test_live_pipeline_matches_file_mode(script, flags, sound_server, fake_mic, 
 
     stats = live_audio.parse_stats(out)
     assert stats is not None, out
+    _skip_if_the_server_lost_microphone_audio(stats, out)
     # One underrun is allowed: the cushion covers the chain's repeated slow calls, not a one-off stall of the
     # whole machine (a loaded 2-core CI box stalled the process for >54 ms once in ~10 runs). A chain that
     # cannot keep up underruns at every hop, dozens of times in 10 s.
@@ -875,6 +892,7 @@ def test_device_that_refuses_16k_is_opened_at_its_rate_and_resampled(sound_serve
     recording = SoundServer.stop_recording(probe)
     assert code == 0, err
     stats = live_audio.parse_stats(out)
+    _skip_if_the_server_lost_microphone_audio(stats, out)
     assert stats["settled_overruns"] == 0 and stats["settled_underruns"] == 0, out
     status = [line for line in out.splitlines() if line.startswith("denoising in ")]
     assert len(status) >= 6, "a status line about twice a second:\n" + out
@@ -1038,6 +1056,7 @@ def test_bypass_is_the_raw_microphone_at_the_same_delay(sound_server, fake_mic, 
     recording = SoundServer.stop_recording(probe)
     assert code == 0, err
     assert out.count("bypass on: the raw microphone") == 2 and out.count("bypass off: denoising") == 2, out
+    _skip_if_the_server_lost_microphone_audio(live_audio.parse_stats(out), out)
     mic, cabled = recording[:, 0], recording[:, 1]
     start, stop = _active_span(mic)
     reference = module.denoise_array(mic)
