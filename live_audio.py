@@ -850,11 +850,11 @@ def run_live(chain, args):
                 session.say(FIXED_LINE + " running dry is now a faded dropout (the cushion grew %.0f ms while "
                             "settling, %.0f ms of it refilling a ring found low at its end)"
                             % (engine.settle_growth_ms, engine.settle_topup_ms))
+                settled_frames = (engine.in_frames, engine.out_frames)  # from each fix: reopened devices fix again
             was_fixed = fixed
             # Refills while the delay settles are how it finds the devices' jitter; settled_* count what follows.
             if settled_base is None and fixed and now - started >= settle_s:
                 settled_base = dict(engine.counts)
-                settled_frames = (engine.in_frames, engine.out_frames)
             if delay_start is None and fixed_at is not None and now - fixed_at >= opts["delay_start_s"]:
                 delay_start = engine.delay_ms()
             for i, value in enumerate((engine.in_calls, engine.out_calls)):
@@ -889,8 +889,9 @@ def run_live(chain, args):
         settled = {k: engine.counts[k] - (settled_base or engine.counts)[k] for k in LiveEngine.COUNTERS}
         delays = [("delay_start_ms", delay_start), ("delay_end_ms", delay_end)]
         if settled_frames is not None:
-            # Positive: the microphone delivered less than the cable took. Two clocks drift by a few ms a minute;
-            # more is audio lost before it reached us, which no cushion holds back from becoming dropouts.
+            # Since the delay was last fixed. Positive: the microphone delivered less than the cable took. Two clocks
+            # drift by a few ms a minute; more is audio lost before it reached us, which no cushion keeps from
+            # becoming dropouts.
             took_s = (engine.out_frames - settled_frames[1]) / engine.out_rate
             got_s = (engine.in_frames - settled_frames[0]) / engine.in_rate
             delays.append(("settled_mic_short_ms", 1000.0 * (took_s - got_s)))

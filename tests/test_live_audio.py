@@ -857,6 +857,7 @@ def test_recovers_when_the_microphone_vanishes_and_returns(sound_server, fake_mi
     assert code == 0, err
     stats = live_audio.parse_stats(out)
     assert stats["device_losses"] == 1, out
+    _skip_if_the_server_lost_microphone_audio(stats, out)  # counted from when the reopened devices' delay was fixed
     # In the last 2.5 s before the stop (after the re-opened devices' delay was fixed), the cable carries the
     # microphone again, delayed and unchanged, except where the sound server garbled a few windows (see
     # _short_window_match). White noise from anything else would correlate near 0.
