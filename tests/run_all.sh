@@ -19,4 +19,4 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     bash tests/install_sound_deps.sh || echo "warning: could not install the sound server; live tests will skip"
 fi
 
-python -m pytest -q tests "$@"
+python -m pytest -q -rs tests "$@"  # -rs: every skip says why in the summary
