@@ -790,9 +790,9 @@ def run_live(chain, args):
                         servo_time_s=opts["servo_time_s"], servo_max_rate=opts["servo_max_rate"])
     session = _Session(chain, args, out, err, opts["warn_interval_s"])
     engine.warm_up(opts["warmup_s"], opts["cushion_margin"])
-    # The device callbacks run in real-time threads but are Python, so they wait for the interpreter lock. By
-    # default a thread that wants it waits 5 ms before the holder is asked to let go, and a holder the OS then
-    # preempts on a busy machine keeps it longer still: callbacks that late lose microphone audio.
+    # The device callbacks are Python, so each waits for the interpreter lock; by default a thread that wants it
+    # waits 5 ms before the holder is asked to let go (longer if the OS preempts the holder on a busy machine),
+    # and a callback that late can miss its device period.
     old_switch = sys.getswitchinterval()
     sys.setswitchinterval(opts["gil_switch_ms"] / 1000.0)
     old_handlers = _install_stop_signals()
