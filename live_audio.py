@@ -887,18 +887,18 @@ def run_live(chain, args):
         sys.setswitchinterval(old_switch)
         seconds = time.monotonic() - started if started is not None else 0.0
         settled = {k: engine.counts[k] - (settled_base or engine.counts)[k] for k in LiveEngine.COUNTERS}
-        delays = [("delay_start_ms", delay_start), ("delay_end_ms", delay_end)]
+        figures = [("delay_start_ms", delay_start), ("delay_end_ms", delay_end)]
         if settled_frames is not None:
             # Since the delay was last fixed. Positive: the microphone delivered less than the cable took. Two clocks
             # drift by a few ms a minute; more is audio lost before it reached us, which no cushion keeps from
             # becoming dropouts.
             took_s = (engine.out_frames - settled_frames[1]) / engine.out_rate
             got_s = (engine.in_frames - settled_frames[0]) / engine.in_rate
-            delays.append(("settled_mic_short_ms", 1000.0 * (took_s - got_s)))
+            figures.append(("settled_mic_short_ms", 1000.0 * (took_s - got_s)))
         session.say("%s seconds=%.2f %s %s%s" % (
             STATS_PREFIX, seconds, " ".join("%s=%d" % kv for kv in engine.counts.items()),
             " ".join("settled_%s=%d" % kv for kv in settled.items()),
-            "".join(" %s=%.2f" % kv for kv in delays if kv[1] is not None)))
+            "".join(" %s=%.2f" % kv for kv in figures if kv[1] is not None)))
     return code
 
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import devices  # noqa: E402
 from dsp import process_offline as dsp_process_offline  # noqa: E402
 import live_audio  # noqa: E402
-from sound_server import FAKE_MIC, FAKE_MIC_SINK, SoundServer  # noqa: E402
+from sound_server import FAKE_MIC, FAKE_MIC_SINK, SoundServer, skip_if_microphone_lost  # noqa: E402
 
 RATE = 16000
 DEV_NOISY = REPO.parent / "shared" / "data" / "dev" / "noisy"
@@ -557,20 +557,9 @@ class LiveProcess:
         return (self.proc.returncode,) + self.text()
 
 
-# A healthy server hands the microphone stream what the cable takes to within a block or two either side (the two
-# streams' periods where the counts are read); observed -10..+30 ms. Five blocks or more is audio the sound server
-# never delivered: a stalling machine, not the engine.
-MIC_LOSS_SKIP_MS = 50
-
-
 def _skip_if_the_server_lost_microphone_audio(stats, out):
-    """The engine holds its delay while nothing is lost at the source (issue 25); when the sound server loses
-    microphone audio before the pipeline, dropouts and delay shifts follow from it and say nothing about the
-    engine, so the run cannot judge it. Skipped, visibly, with the amount (settled_mic_short_ms)."""
-    short = stats.get("settled_mic_short_ms")
-    if short is not None and short >= MIC_LOSS_SKIP_MS:
-        pytest.skip("the sound server delivered %.0f ms less microphone audio than the cable took after the delay "
-                    "was fixed (a stalling machine); this run cannot judge the engine:\n%s" % (short, out))
+    """The engine holds its delay while nothing is lost at the source (issue 25): see skip_if_microphone_lost."""
+    skip_if_microphone_lost(stats.get("settled_mic_short_ms"), out)
 
 
 def _live(server, argv, extra_env=None):
