@@ -11,7 +11,8 @@ a second of silence (warm_up), and the output cushion is sized to cover its slow
 SETTLE_DELAY_S of audio, running dry refills the cushion (the delay grows by what the devices' own jitter needs).
 After that it never moves: when the chain is late and the output runs dry, the output fades out, plays silence (an
 "underrun", counted) and, when audio returns, skips what the silence stood in for and fades back in; when a
-buffer backs up beyond its limit the oldest audio is dropped (a "realign", counted).
+buffer backs up beyond its limit the oldest audio is dropped (a "realign", counted). Audio the sound server lost
+before it reached us never returns: the silence then lasts until the cushion is full again (a realign too).
 
 The delay is also measured, on PortAudio's clock: each input block carries the ADC time of its first sample, each
 output block the time it will reach the cable, and the positions of the two ring buffers say which input sample
@@ -314,8 +315,9 @@ class LiveEngine:
         refilled to the cushion, which grows the delay by what the devices' jitter needed, and so is one that sat
         well below it when settling ends (see _ran_low). After that the delay is fixed: when the chain is late and
         the ring runs dry, the output fades out, plays silence (a dropout, counted once as an underrun) and, when
-        audio returns, skips exactly the samples the silence stood in for, fading back in. FADE_MS samples are
-        always held back, so a fade-out has audio to fade."""
+        audio returns, skips exactly the samples the silence stood in for, fading back in; audio lost on the way
+        in leaves the ring low once that is paid, and it is refilled first. FADE_MS samples are always held back,
+        so a fade-out has audio to fade."""
         self.out_calls += 1
         self.out_frames += frames
         if status:
@@ -326,7 +328,7 @@ class LiveEngine:
         if self._priming:
             if depth < max(self._out_target, frames) + self._fade:
                 outdata.fill(0)
-                if self._playing_since is not None:  # a refill while settling: the delay grows by this block
+                if self._playing_since is not None and not self._fixed:  # a refill while settling: delay grows
                     self.settle_growth_ms += 1000.0 * frames / self.out_rate
                     if self._topped_up:
                         self.settle_topup_ms += 1000.0 * frames / self.out_rate
@@ -362,9 +364,13 @@ class LiveEngine:
                 # Still owed after REANCHOR_MS with no backlog left to catch up on: the audio was lost before it
                 # reached us (a capture overrun in the sound server) and what the silence stood for will never
                 # come. Start again from a full cushion, which puts the delay back where it was (a realign).
-                self._dropout, self._debt, self._priming = False, 0, True
-                self.counts["realigns"] += 1
-                outdata.fill(0)
+                self._refill_after_loss(outdata)
+                return
+            if not self._debt and depth < max(self._low_mark(), frames + self._fade) \
+                    and self.in_ring.depth() < 2 * self._in_block:
+                # Paid, yet the ring is low and no backlog is coming: audio was lost on the way in (the sound server
+                # dropped microphone blocks). Resuming this low would make every bit of jitter another dropout.
+                self._refill_after_loss(outdata)
                 return
             if self._debt or depth < frames + self._fade:
                 outdata.fill(0)
@@ -397,6 +403,18 @@ class LiveEngine:
         if outdata.shape[1] > 1:
             outdata[:, 1:] = outdata[:, :1]
 
+    def _low_mark(self):
+        """The ring depth below which the cushion no longer covers the chain's slow hops: a quarter of it (at
+        least a block) under full."""
+        return self._out_target + self._fade - max(self._out_target // 4, self._out_block)
+
+    def _refill_after_loss(self, outdata):
+        """Audio lost before it reached us shrinks the delay and leaves the ring without its cushion: stay silent
+        until the cushion is full again, which puts the delay back where it was fixed (a realign, counted)."""
+        self._dropout, self._debt, self._priming = False, 0, True
+        self.counts["realigns"] += 1
+        outdata.fill(0)
+
     def _fade_out(self, out, n):
         """Play the ring's next n samples into out, the last FADE_MS of them faded out, silence after; returns n."""
         got = self.out_ring.read_into(out[:n, 0])
@@ -414,8 +432,7 @@ class LiveEngine:
             return False
         self._topped_up = True
         n = min(self._depth_i, self.delay_window)
-        slack = max(self._out_target // 4, self._out_block)
-        return n > 0 and np.median(self._depths[:n]) < self._out_target + self._fade - slack
+        return n > 0 and np.median(self._depths[:n]) < self._low_mark()
 
     def delay_fixed(self):
         """True once the first SETTLE_DELAY_S of audio are over (and the ring refilled, if it ran low): from then

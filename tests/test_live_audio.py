@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import devices  # noqa: E402
 from dsp import process_offline as dsp_process_offline  # noqa: E402
 import live_audio  # noqa: E402
-from sound_server import FAKE_MIC, FAKE_MIC_SINK, SoundServer, skip_if_microphone_lost  # noqa: E402
+from sound_server import FAKE_MIC, FAKE_MIC_SINK, SoundServer, skip_if_microphone_lost, underruns_allowed  # noqa: E402
 
 RATE = 16000
 DEV_NOISY = REPO.parent / "shared" / "data" / "dev" / "noisy"
@@ -209,6 +209,31 @@ def test_audio_lost_at_the_source_reanchors_instead_of_falling_silent():
     assert np.array_equal(y[tail], x[tail.start - after:tail.stop - after]), "the output plays the microphone again"
     # The cushion is full again: the delay is the one it had, to within the block the refill ends on.
     assert abs(after - first) <= 160 + int(live_audio.FADE_MS * RATE / 1000)
+
+
+def test_audio_lost_in_small_pieces_refills_the_cushion_once():
+    """After the delay is fixed the sound server drops a microphone block now and then (a slowed machine): each
+    loss leaves the ring a block lower, and the third leaves it too low to play on. Paying the dropout's debt from
+    what arrives next would keep it there, at the edge of every later bit of jitter; instead the output refills
+    its cushion (one realign) and is back at the delay it had, a clean copy, after one short silence."""
+    rng = np.random.default_rng(8)
+    x = (0.1 * rng.standard_normal(3 * RATE)).astype(np.float32)
+    engine = live_audio.LiveEngine(DelayChain(0), out_target_ms=30, settle_delay_s=0)
+    lost = {100, 130, 160}
+    y = _feed(engine, x, lost=lost)
+    assert engine.counts["underruns"] == 1 and engine.counts["realigns"] == 1
+    assert engine.out_frames - engine.in_frames == len(lost) * 160
+    first = _lag(x[:RATE], y[:RATE + 4000])
+    tail = slice(len(y) - RATE // 2, len(y))
+    after = _lag(x, np.concatenate([np.zeros(tail.start, np.float32), y[tail]]), max_lag=2 * RATE)
+    assert np.array_equal(y[tail], x[tail.start - after:tail.stop - after]), "the output plays the microphone again"
+    assert abs(after - first) <= 160 + int(live_audio.FADE_MS * RATE / 1000)
+    # One silence, about as long as the cushion it refills: not REANCHOR_MS of waiting for audio that never comes.
+    active = np.abs(y) > 0
+    start = np.flatnonzero(active)[0]
+    quiet = np.flatnonzero(~active[start:]) + start
+    longest = max(len(run) for run in np.split(quiet, np.flatnonzero(np.diff(quiet) > 1) + 1))
+    assert longest <= (30 + live_audio.FADE_MS) * RATE / 1000 + 2 * 160, longest
 
 
 def test_while_settling_running_dry_grows_the_delay_once():
@@ -715,9 +740,9 @@ def test_live_pipeline_matches_file_mode(script, flags, sound_server, fake_mic, 
     assert stats is not None, out
     _skip_if_the_server_lost_microphone_audio(stats, out)
     # One underrun is allowed: the cushion covers the chain's repeated slow calls, not a one-off stall of the
-    # whole machine (a loaded 2-core CI box stalled the process for >54 ms once in ~10 runs). A chain that
-    # cannot keep up underruns at every hop, dozens of times in 10 s.
-    assert stats["settled_overruns"] == 0 and stats["settled_underruns"] <= 1, out
+    # whole machine (a loaded 2-core CI box stalled the process for >54 ms once in ~10 runs); and one for each
+    # refill after microphone audio the server lost (underruns_allowed).
+    assert stats["settled_overruns"] == 0 and stats["settled_underruns"] <= underruns_allowed(stats), out
     # A PortAudio xrun with no underrun of ours is the same one-off stall seen from the device side (the
     # callback itself ran late), so it gets the same single allowance, once for each stream: one stall of the
     # whole machine flags both the microphone's and the cable's.
@@ -883,7 +908,7 @@ def test_device_that_refuses_16k_is_opened_at_its_rate_and_resampled(sound_serve
     assert code == 0, err
     stats = live_audio.parse_stats(out)
     _skip_if_the_server_lost_microphone_audio(stats, out)
-    assert stats["settled_overruns"] == 0 and stats["settled_underruns"] == 0, out
+    assert stats["settled_overruns"] == 0 and stats["settled_underruns"] <= underruns_allowed(stats, 0), out
     status = [line for line in out.splitlines() if line.startswith("denoising in ")]
     assert len(status) >= 6, "a status line about twice a second:\n" + out
     assert re.match(r"denoising in +-?\d+\.\d out +-?\d+\.\d dBFS gate 100% hop 0\.1/10ms buf \d+\+\d+ms "
