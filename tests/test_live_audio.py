@@ -812,35 +812,41 @@ def test_piecewise_match_follows_the_servos_speed_change(speech_wav):
 
 
 def _short_window_match(reference, live, window=RATE // 25, max_lag=RATE):
-    """Each 40 ms of reference found in live on its own: the best normalised correlation over lags 0..max_lag
-    and that lag, per window (near-silent windows left out). The private sound server now and then shifts a
-    stream by 4-12 ms, or garbles a few tens of ms, with no counter of ours moving (docs/EXPERIMENTS.md); on
-    short windows such an event costs the few it touches, while a wrong path (other audio, a wrong rate) fails
-    nearly all."""
-    from scipy.signal import correlate
+    """Each 40 ms of reference found in live on its own: its correlation with what of live lines up with it,
+    allowing for the servo's speed change (_stretched_match), and the lag, per window (near-silent windows left
+    out). The private sound server now and then shifts a stream by 4-12 ms, or garbles a few tens of ms, with no
+    counter of ours moving (docs/EXPERIMENTS.md); on short windows such an event costs the few it touches, while
+    a wrong path (other audio, a wrong rate) fails nearly all."""
     each, lags = [], []
+    live = np.asarray(live, np.float64)
     for begin in range(0, len(reference) - window + 1, window):
         seg = reference[begin:begin + window].astype(np.float64)
-        energy = np.sqrt(np.sum(seg ** 2))
-        if energy / np.sqrt(window) < 1e-4:
+        if np.sqrt(np.mean(seg ** 2)) < 1e-4:
             continue
-        area = live[begin:begin + window + max_lag].astype(np.float64)
-        if len(area) < window:
+        if len(live) - begin < window:
             break
-        dots = correlate(area, seg, mode="valid", method="fft")
-        power = np.concatenate([[0.0], np.cumsum(area ** 2)])
-        norms = np.sqrt(np.maximum(power[window:] - power[:-window], 0.0))
-        score = np.where(norms > 0.01 * energy, dots / (energy * np.maximum(norms, 1e-30)), 0.0)
-        best = int(np.argmax(score))
-        each.append(score[best])
-        lags.append(best)
+        corr, lag = _stretched_match(seg, live, begin, max_lag)
+        each.append(corr)
+        lags.append(lag)
     return np.array(each), np.array(lags)
+
+
+def _assert_matches_where_steady(each, lags, out, threshold):
+    """The cable carries the reference wherever the lag holds still: of the windows whose lag agrees (to 2
+    samples) with both neighbours', 90 % match above threshold, and they are at least 30 % of all. A window
+    beside a change of the lag may not match: on a stalling machine the private server drops a stream's audio 4 ms
+    at a time, a dozen times in 2.5 s (docs/EXPERIMENTS.md), and the engine refills after such losses. Other audio
+    or a wrong rate gives lags that never agree from one window to the next, and fails."""
+    held = np.abs(np.diff(lags)) <= 2
+    steady = np.r_[True, held] & np.r_[held, True]
+    report = "steady %d of %d windows\n%s" % (steady.sum(), len(steady), _match_report(each, lags, out))
+    assert steady.mean() >= 0.3 and np.mean(each[steady] > threshold) >= 0.9, report
 
 
 def _match_report(each, lags, out):
     """What a failed window-by-window match shows: each window's correlation and lag, and the pipeline's lines
     (status lines say whether the servo was moving the delay, "returning to")."""
-    return "windows %s\nlags (samples) %s\n%s" % (np.round(each, 3).tolist(), lags.tolist(), out)
+    return "windows %s\nlags (samples) %s\n%s" % (np.round(each, 3).tolist(), np.round(lags, 1).tolist(), out)
 
 
 def test_recovers_when_the_microphone_vanishes_and_returns(sound_server, fake_mic, cable, probe, tmp_path):
@@ -880,7 +886,7 @@ def test_recovers_when_the_microphone_vanishes_and_returns(sound_server, fake_mi
     start, stop = stop - 5 * RATE // 2, stop - RATE // 2
     each, lags = _short_window_match(mic[start:stop], cabled[start:])
     assert len(each) >= 40, "too little audio reached the cable"
-    assert np.mean(each > 0.99) >= 0.8, _match_report(each, lags, out)
+    _assert_matches_where_steady(each, lags, out, 0.99)
 
 
 def test_device_that_refuses_16k_is_opened_at_its_rate_and_resampled(sound_server, fake_mic, cable, probe,
@@ -925,7 +931,7 @@ def test_device_that_refuses_16k_is_opened_at_its_rate_and_resampled(sound_serve
     print("resampled live path: %.0f %% of 40 ms windows match, latency %.1f ms"
           % (100 * np.mean(each > 0.95), 1000.0 * np.median(lags) / RATE))
     assert len(each) >= 40, "too little audio reached the cable"
-    assert np.mean(each > 0.95) >= 0.8, _match_report(each, lags, out)
+    _assert_matches_where_steady(each, lags, out, 0.95)
 
 
 def _run_standin(server, tmp_path, *argv):
