@@ -360,16 +360,12 @@ class LiveEngine:
             self._debt -= drop
             depth -= drop
             late_ms = (self.out_calls - self._dropout_since) * frames * 1000.0 / self.out_rate
-            if self._debt and late_ms > self.reanchor_ms and self.in_ring.depth() < 2 * self._in_block:
-                # Still owed after REANCHOR_MS with no backlog left to catch up on: the audio was lost before it
-                # reached us (a capture overrun in the sound server) and what the silence stood for will never
-                # come. Start again from a full cushion, which puts the delay back where it was (a realign).
-                self._refill_after_loss(outdata)
-                return
-            if not self._debt and depth < max(self._low_mark(), frames + self._fade) \
-                    and self.in_ring.depth() < 2 * self._in_block:
-                # Paid, yet the ring is low and no backlog is coming: audio was lost on the way in (the sound server
-                # dropped microphone blocks). Resuming this low would make every bit of jitter another dropout.
+            # With no backlog left to catch up on, audio was lost before it reached us (the sound server dropped
+            # microphone blocks) when the debt is still owed after REANCHOR_MS (what the silence stood for will
+            # never come), or is paid but leaves the ring low (resuming there, every bit of jitter would be another
+            # dropout). Start again from a full cushion, which puts the delay back where it was (a realign).
+            if self.in_ring.depth() < 2 * self._in_block and (
+                    late_ms > self.reanchor_ms if self._debt else depth < max(self._low_mark(), frames + self._fade)):
                 self._refill_after_loss(outdata)
                 return
             if self._debt or depth < frames + self._fade:

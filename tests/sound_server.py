@@ -57,15 +57,6 @@ def skip_if_microphone_lost(short_ms, out):
                     "was fixed (a stalling machine); this run cannot judge the engine:\n%s" % (short_ms, out))
 
 
-def underruns_allowed(stats, one_off=1, block_ms=10):
-    """How many settled underruns a live run may show: `one_off` for a stall of the whole machine, and one more
-    for each time the engine refilled its cushion after microphone audio the sound server never delivered (a
-    realign; at most one per block of settled_mic_short_ms). A chain that cannot keep up underruns at every hop,
-    dozens of times in 10 s, and does not refill, so this still fails it."""
-    short_ms = stats.get("settled_mic_short_ms") or 0.0
-    return one_off + min(stats.get("settled_realigns", 0), int(max(0.0, short_ms) // block_ms))
-
-
 def _stop(proc, sig):
     """Ask a child to stop with sig; kill it if it has not gone within 5 s."""
     proc.send_signal(sig)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import devices  # noqa: E402
 from dsp import process_offline as dsp_process_offline  # noqa: E402
 import live_audio  # noqa: E402
-from sound_server import FAKE_MIC, FAKE_MIC_SINK, SoundServer, skip_if_microphone_lost, underruns_allowed  # noqa: E402
+from sound_server import FAKE_MIC, FAKE_MIC_SINK, SoundServer, skip_if_microphone_lost  # noqa: E402
 
 RATE = 16000
 DEV_NOISY = REPO.parent / "shared" / "data" / "dev" / "noisy"
@@ -587,6 +587,15 @@ def _skip_if_the_server_lost_microphone_audio(stats, out):
     skip_if_microphone_lost(stats.get("settled_mic_short_ms"), out)
 
 
+def _underruns_allowed(stats, one_off=1):
+    """How many settled underruns a live run may show: `one_off` for a stall of the whole machine, and one more
+    for each time the engine refilled its cushion after microphone audio the sound server never delivered (a
+    realign; at most one per block of settled_mic_short_ms). A chain that cannot keep up underruns at every hop,
+    dozens of times in 10 s, and does not refill, so this still fails it."""
+    short_ms = stats.get("settled_mic_short_ms") or 0.0
+    return one_off + min(stats.get("settled_realigns", 0), int(max(0.0, short_ms) // live_audio.BLOCK_MS))
+
+
 def _live(server, argv, extra_env=None):
     env = dict(server.env, PYTHONUNBUFFERED="1", **(extra_env or {}))
     return LiveProcess([sys.executable, *argv], env)
@@ -741,8 +750,8 @@ def test_live_pipeline_matches_file_mode(script, flags, sound_server, fake_mic, 
     _skip_if_the_server_lost_microphone_audio(stats, out)
     # One underrun is allowed: the cushion covers the chain's repeated slow calls, not a one-off stall of the
     # whole machine (a loaded 2-core CI box stalled the process for >54 ms once in ~10 runs); and one for each
-    # refill after microphone audio the server lost (underruns_allowed).
-    assert stats["settled_overruns"] == 0 and stats["settled_underruns"] <= underruns_allowed(stats), out
+    # refill after microphone audio the server lost (_underruns_allowed).
+    assert stats["settled_overruns"] == 0 and stats["settled_underruns"] <= _underruns_allowed(stats), out
     # A PortAudio xrun with no underrun of ours is the same one-off stall seen from the device side (the
     # callback itself ran late), so it gets the same single allowance, once for each stream: one stall of the
     # whole machine flags both the microphone's and the cable's.
@@ -914,7 +923,7 @@ def test_device_that_refuses_16k_is_opened_at_its_rate_and_resampled(sound_serve
     assert code == 0, err
     stats = live_audio.parse_stats(out)
     _skip_if_the_server_lost_microphone_audio(stats, out)
-    assert stats["settled_overruns"] == 0 and stats["settled_underruns"] <= underruns_allowed(stats, 0), out
+    assert stats["settled_overruns"] == 0 and stats["settled_underruns"] <= _underruns_allowed(stats, 0), out
     status = [line for line in out.splitlines() if line.startswith("denoising in ")]
     assert len(status) >= 6, "a status line about twice a second:\n" + out
     assert re.match(r"denoising in +-?\d+\.\d out +-?\d+\.\d dBFS gate 100% hop 0\.1/10ms buf \d+\+\d+ms "
