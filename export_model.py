@@ -56,7 +56,7 @@ def load_checkpoint(path):
             raise SystemExit(f"error: {paths[0]} takes the noisy phase as input (--stream-phase), which the "
                              "pipeline does not feed yet; it can be trained and validated, not exported")
         net = M.StreamNet(cfg.get("hidden", M.STREAM_HIDDEN), mask=cfg.get("mask", "real"),
-                          bands=cfg.get("bands", 0), head=cfg.get("head", 0))
+                          bands=cfg.get("bands", 0), head=cfg.get("head", 0), band_gru=cfg.get("band_gru", 0))
         net.load_state_dict(ck["model"])
         return net.eval(), ck
     net = M.UNet(cfg.get("base_ch", M.BASE_CH), in_ch=ck["model"]["e1.0.weight"].shape[1])
@@ -101,7 +101,8 @@ def base_metadata(net, ck=None):
         meta = {"kind": "stream", "sample_rate": M.SAMPLE_RATE, "n_fft": M.STREAM_N_FFT,
                 "stft_hop_samp": M.STREAM_HOP_SAMP, "window_samp": M.STREAM_N_FFT, "window": "sqrt-hann",
                 "hidden": net.hidden, "state_size": net.state_size,
-                "state_layout": f"running mean {net.width} + gru1 {net.hidden} + gru2 {net.hidden}",
+                "state_layout": f"running mean {net.width} + gru1 {net.hidden} + gru2 {net.hidden}"
+                                + (f" + per-band gru {net.width} x {net.band_gru}" if net.band_gru else ""),
                 "log_eps": M.LOG_EPS, "parameters": M.count_parameters(net), "producer": "export_model.py"}
         if net.mask != "real":  # absent means real: the files from before the complex mask
             meta["mask"] = net.mask
@@ -109,6 +110,8 @@ def base_metadata(net, ck=None):
             meta["bands"] = net.bands
         if net.head:  # absent means none; inside the graph too
             meta["head"] = net.head
+        if net.band_gru:  # absent means none
+            meta["band_gru"] = net.band_gru
     else:
         meta = {"sample_rate": M.SAMPLE_RATE, "n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP,
                 "window_samp": cfg.get("window_samp", 3200), "context_samp": cfg.get("context_samp", 0),

@@ -36,7 +36,10 @@ net for a different budget: 32 ms of algorithmic latency and a fiftieth of a cor
     removing, but able to turn the phase, which a real mask leaves noisy wherever noise dominates a bin.
   - Optionally (STREAM_HEAD > 0) a small convolution across the inputs after the GRUs, the same filter slid along
     the bands, refines each gain from its neighbours and its own input (GTCRN's and FastEnhancer's layers shared
-    across frequency); it looks at one frame only, so it adds no state and no latency.
+    across frequency); it looks at one frame only, so it adds no state and no latency. Inside it (STREAM_BAND_GRU
+    > 0) a tiny GRU runs over time in every band, one set of weights for all (GTCRN's inter-frame path): a memory
+    per band, where the GRUs above keep one for the whole frame. GTCRN's other path, a GRU across the bands within
+    a frame, doubled the training step on 2 cores; the full-frame GRUs before the head already see every band.
 Whole-utterance (StreamNet.forward) and frame-by-frame (StreamNet.step, what the ONNX export runs with its state
 as an explicit input and output) share every weight and every operation, so they agree to float rounding.
 """
@@ -241,6 +244,8 @@ STREAM_LINEAR_BINS = 65     # with bands, the bins kept one by one (65 = up to 2
 STREAM_PHASE = False        # also feed the noisy phase (cos, sin) of the STREAM_LINEAR_BINS lowest bins: for a complex
                             # mask, which has nothing to turn the phase by without it (training only, not exported yet)
 STREAM_HEAD = 0             # channels of a convolution across bands refining each gain from its neighbours; 0 = none
+STREAM_BAND_GRU = 0         # with a head, width of a GRU over time per band inside it: each band's own memory of how
+                            # it sounds; 0 = none, 8 = +0.1 M multiply-adds a frame (more = more memory, more CPU)
 HEAD_KERNEL = 5             # that convolution's width in bands (two layers, the second dilated: +-6 bands in all)
 NORM_TAU_S = 1.0            # time constant of the running mean each bin is measured against; longer = steadier
 NORM_INIT = -7.0            # running mean's start (log|X|, about a quiet room); the state holds the offset from it
@@ -276,7 +281,7 @@ class StreamNet(nn.Module):
     passed as phase= to forward and step: what a complex mask needs to know which way to turn."""
 
     def __init__(self, hidden=STREAM_HIDDEN, groups=STREAM_GROUPS, bins=STREAM_N_FFT // 2 + 1, mask=STREAM_MASK,
-                 bands=STREAM_BANDS, phase=STREAM_PHASE, head=STREAM_HEAD):
+                 bands=STREAM_BANDS, phase=STREAM_PHASE, head=STREAM_HEAD, band_gru=STREAM_BAND_GRU):
         super().__init__()
         if hidden % groups:
             raise ValueError(f"hidden {hidden} must split into {groups} equal groups")
@@ -286,7 +291,10 @@ class StreamNet(nn.Module):
             raise ValueError(f"bands is 0 (every bin) or 2..{bins - STREAM_LINEAR_BINS}, not {bands}")
         if head and mask != "real":
             raise ValueError("the convolution head refines a real mask; use head=0 with a complex one")
+        if band_gru and not head:
+            raise ValueError("the per-band GRU sits inside the convolution head; give head channels too")
         self.hidden, self.groups, self.bins, self.mask, self.bands, self.head = hidden, groups, bins, mask, bands, head
+        self.band_gru = band_gru
         self.width = STREAM_LINEAR_BINS + bands if bands else bins  # what the model sees and gives per frame
         if bands:  # fixed, not learnt: out of the state dict, so checkpoints hold only weights
             w = erb_bands(bins, bands)
@@ -306,7 +314,13 @@ class StreamNet(nn.Module):
                                         nn.Conv1d(head, 1, 1))
             nn.init.zeros_(self.refine[-1].weight)  # starts as the plain model: the head adds nothing until it learns
             nn.init.zeros_(self.refine[-1].bias)
-        self.state_size = self.width + 2 * hidden  # running mean per input, gru1's hidden, gru2's groups' hiddens
+        if band_gru:  # one small GRU, its weights shared by every band, each band with its own state
+            self.along = nn.GRU(head, band_gru, batch_first=True)
+            self.along_out = nn.Linear(band_gru, head)
+            nn.init.zeros_(self.along_out.weight)  # starts as the model without it
+            nn.init.zeros_(self.along_out.bias)
+        # running mean per input, gru1's hidden, gru2's groups' hiddens, and each band's GRU hidden
+        self.state_size = self.width + 2 * hidden + self.width * band_gru
 
     def features(self, logmag):
         """log|X| per bin -> per model input: itself, or with bands the log of the mean power in each band."""
@@ -329,9 +343,10 @@ class StreamNet(nn.Module):
             mu0 = mu[:, -1]
         return torch.cat(out, 1)
 
-    def core(self, logmag, mu, h1, h2, phase=None):
+    def core(self, logmag, mu, h1, h2, h3=None, phase=None):
         """Shared by forward and step: [B, T, F] features and running means (and with phase_bins the phase
-        features [B, T, 2 x phase_bins]) -> mask [B, T, F] and GRU states."""
+        features [B, T, 2 x phase_bins]) -> mask [B, T, F] and GRU states (h3: the per-band GRU's, [1, B x width,
+        band_gru], or None without it)."""
         feats = [(logmag - FEAT_CENTRE) / FEAT_SCALE, (logmag - mu) / FEAT_SCALE]
         if self.phase_bins:
             if phase is None:
@@ -345,20 +360,28 @@ class StreamNet(nn.Module):
         y2 = torch.cat([o[0] for o in outs], -1) + y1
         raw = self.out(y2)
         if self.head:
-            raw = self.refined(raw, feats[..., :2 * self.width])
+            raw, h3 = self.refined(raw, feats[..., :2 * self.width], h3)
         mask = self.to_mask(raw)
         if self.bands:  # each bin a convex mix of its bands' gains: still within [0, 1], or of length below 1
             mask = mask @ self.spread
-        return mask, h1, torch.cat([o[1] for o in outs], -1)
+        return mask, h1, torch.cat([o[1] for o in outs], -1), h3
 
-    def refined(self, raw, local):
+    def refined(self, raw, local, h3=None):
         """[B, T, 3 x width] from the GRUs and [B, T, 2 x width] features -> [B, T, width] gain logits: the GRUs'
         logit plus what the convolution across neighbouring inputs adds. The dense layers see the whole frame but
         weigh each input apart; the same small filter slid along the bands learns what a harmonic or a band edge
-        looks like once, for all of them (GTCRN's and FastEnhancer's shared-across-frequency layers)."""
-        w = self.width
+        looks like once, for all of them (GTCRN's and FastEnhancer's shared-across-frequency layers). With band_gru,
+        a GRU over time per band (state h3, GTCRN's inter-frame path) adds to the first layer's channels: each
+        band keeps its own memory of how it has sounded, where the GRUs before share one memory for the whole
+        frame. Returns the logits and the new h3."""
+        w, (b, t) = self.width, raw.shape[:2]
         x = torch.cat([raw, local], -1).reshape(-1, self.refine[0].in_channels, w)
-        return raw[..., :w] + self.refine(x).reshape(raw.shape[:-1] + (w,))
+        x = self.refine[1](self.refine[0](x))  # [B x T, head, width]
+        if self.band_gru:
+            x = x.reshape(b, t, -1, w).permute(0, 3, 1, 2).reshape(b * w, t, -1)  # a sequence over time per band
+            y, h3 = self.along(x, h3)
+            x = (x + self.along_out(y)).reshape(b, w, t, -1).permute(0, 2, 3, 1).reshape(b * t, -1, w)
+        return raw[..., :w] + self.refine[2:](x).reshape(b, t, w), h3
 
     def to_mask(self, raw):
         if self.mask == "real":
@@ -371,26 +394,30 @@ class StreamNet(nn.Module):
         return torch.stack([re * gain, im * gain], -2)
 
     def split_state(self, state):
-        b, h = self.width, self.hidden
-        return state[:, :b] + NORM_INIT, state[:, None, b:b + h].transpose(0, 1), state[:, None, b + h:].transpose(0, 1)
+        """[B, state_size] -> running mean [B, width], gru1's and gru2's hiddens [1, B, hidden] and the
+        per-band GRU's [1, B x width, band_gru] (None without it)."""
+        b, h, e = self.width, self.hidden, self.width + 2 * self.hidden
+        h3 = state[:, e:].reshape(1, -1, self.band_gru).contiguous() if self.band_gru else None
+        return (state[:, :b] + NORM_INIT, state[:, None, b:b + h].transpose(0, 1).contiguous(),
+                state[:, None, b + h:e].transpose(0, 1).contiguous(), h3)
 
     def forward(self, logmag, state=None, phase=None):
         if state is None:
             state = logmag.new_zeros(logmag.shape[0], self.state_size)
-        mu0, h1, h2 = self.split_state(state)
+        mu0, h1, h2, h3 = self.split_state(state)
         feats = self.features(logmag)
         mu = self.running_mean(feats, mu0)
-        return self.core(feats, mu, h1.contiguous(), h2.contiguous(), phase)[0]
+        return self.core(feats, mu, h1, h2, h3, phase)[0]
 
     def step(self, logmag, state, phase=None):
         """One frame [B, F] and the state [B, state_size] -> (mask [B, F], state): what the ONNX model runs."""
-        mu0, h1, h2 = self.split_state(state)
+        mu0, h1, h2, h3 = self.split_state(state)
         feats = self.features(logmag)
         mu = self.alpha * mu0 + (1 - self.alpha) * feats
-        mask, h1, h2 = self.core(feats[:, None], mu[:, None], h1.contiguous(), h2.contiguous(),
-                                 None if phase is None else phase[:, None])
-        new_state = torch.cat([mu - NORM_INIT, h1[0], h2[0]], -1)
-        return mask[:, 0], new_state
+        mask, h1, h2, h3 = self.core(feats[:, None], mu[:, None], h1, h2, h3,
+                                     None if phase is None else phase[:, None])
+        parts = [mu - NORM_INIT, h1[0], h2[0]] + ([h3[0].reshape(mu.shape[0], -1)] if self.band_gru else [])
+        return mask[:, 0], torch.cat(parts, -1)
 
 
 class StreamStep(nn.Module):

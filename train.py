@@ -57,6 +57,7 @@ STREAM_MASK = M.STREAM_MASK  # --arch stream: "real" gain per bin, or "complex" 
 STREAM_BANDS = M.STREAM_BANDS  # [0, 192] --arch stream: 0 = every bin in and out, N = ERB bands above 2 kHz; model.py
 STREAM_PHASE = M.STREAM_PHASE  # --arch stream: also feed the low bins' noisy phase (--stream-phase); model.py
 STREAM_HEAD = M.STREAM_HEAD  # [0, 64] --arch stream: channels of the convolution across bands after the GRUs; model.py
+STREAM_BAND_GRU = M.STREAM_BAND_GRU  # [0, 64] --arch stream: a GRU per band inside that head, its width; model.py
 SEGMENT_SAMP = 3200        # [256, 32000] training window; 3200 = the pipeline's window, which it must match
 FLOOR_HOPS = 0             # [0, 100] noise floor over this many 100 ms hops as a second input (0 = none, 20 = 2 s)
 FLOOR_START_PROB = 0.25    # [0, 1] with FLOOR_HOPS, share of examples whose past is cut short, as after start-up
@@ -246,7 +247,7 @@ def build_parser():
 # mixes, scores and schedules exactly as before; a flag given with --resume that says otherwise is refused.
 RECIPE = {"arch": "arch", "stream_segment_samp": "stream_segment_samp", "hidden": "stream_hidden",
           "mask": "stream_mask", "bands": "stream_bands", "phase": "stream_phase", "head": "stream_head",
-          "base_ch": "base_ch",
+          "band_gru": "stream_band_gru", "base_ch": "base_ch",
           "window_samp": "segment_samp", "floor_hops": "floor_hops",
           "floor_start_prob": "floor_start_prob", "mag_weight": "mag_weight", "mag_power": "mag_power",
           "stoi_weight": "stoi_weight", "seed": "seed", "batch_size": "batch_size",
@@ -264,7 +265,8 @@ def adopt_recipe(args, argv, ck, path):
     parsed = build_parser().parse_args(argv, preset)
     given = {dest: value for dest, value in vars(parsed).items() if value is not unset}
     same = lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else v
-    before = {**dataset.PLAIN, "mask": "real", "bands": 0, "phase": False, "head": 0}  # what a key's absence meant
+    # What a key's absence meant:
+    before = {**dataset.PLAIN, "mask": "real", "bands": 0, "phase": False, "head": 0, "band_gru": 0}
     for key, dest in RECIPE.items():
         if key not in ck["config"]:
             if key in before and dest not in given:
@@ -311,6 +313,8 @@ def parse_args(argv):
             raise SystemExit(f"error: --stream-hidden must be a multiple of {M.STREAM_GROUPS} (its GRU groups)")
         if args.stream_head and args.stream_mask != "real":
             raise SystemExit("error: --stream-head refines a real mask; drop it or use --stream-mask real")
+        if args.stream_band_gru and not args.stream_head:
+            raise SystemExit("error: --stream-band-gru sits inside the convolution head; give --stream-head too")
         args.segment_samp = args.stream_segment_samp  # one name for "the example" below
     args.mixing = {key: tuple(getattr(args, key)) if isinstance(getattr(args, key), (list, tuple))
                    else getattr(args, key) for key in dataset.MIXING}
@@ -360,7 +364,7 @@ def make_model(args, device, main_proc):
     in_ch = 2 if args.floor_hops else 1
     stream = args.arch == "stream"
     net = (M.StreamNet(args.stream_hidden, mask=args.stream_mask, bands=args.stream_bands, phase=args.stream_phase,
-                       head=args.stream_head)
+                       head=args.stream_head, band_gru=args.stream_band_gru)
            if stream
            else M.UNet(args.base_ch, in_ch))
     net = net.to(device)
@@ -381,13 +385,18 @@ def make_model(args, device, main_proc):
                              f"{args.arch}; pass --arch {ck['config'].get('arch', 'unet')}")
         if stream:
             try:
-                net.load_state_dict(ck["model"])
+                missing, unexpected = net.load_state_dict(ck["model"], strict=False)
+                # A per-band GRU added to a head model starts at zero (it adds nothing until it learns), as the
+                # U-Net's noise-floor input does below; any other difference is another model.
+                if unexpected or any(not k.startswith("along") for k in missing):
+                    raise RuntimeError("another model")
             except RuntimeError:
                 raise SystemExit(f"error: {args.init_from} is a streaming model of another width, mask, bands or "
                                  f"phase input; pass its --stream-hidden {ck['config'].get('hidden')} --stream-mask "
                                  f"{ck['config'].get('mask', 'real')} --stream-bands {ck['config'].get('bands', 0)}"
                                  f"{' --stream-phase' if ck['config'].get('phase') else ''}"
-                                 f" --stream-head {ck['config'].get('head', 0)}") from None
+                                 f" --stream-head {ck['config'].get('head', 0)}"
+                                 " (--stream-band-gru may be added to a head model)") from None
         elif ck["config"].get("base_ch", 0) != args.base_ch:
             raise SystemExit(f"error: {args.init_from} has base_ch {ck['config'].get('base_ch', 0)}, "
                              f"not {args.base_ch}")
@@ -452,7 +461,8 @@ def recipe_config(args, data_summary):
     stream = args.arch == "stream"
     geometry = ({"n_fft": M.STREAM_N_FFT, "stft_hop_samp": M.STREAM_HOP_SAMP, "window_samp": M.STREAM_N_FFT,
                  "stream_segment_samp": args.segment_samp, "hidden": args.stream_hidden, "mask": args.stream_mask,
-                 "bands": args.stream_bands, "phase": args.stream_phase, "head": args.stream_head}
+                 "bands": args.stream_bands, "phase": args.stream_phase, "head": args.stream_head,
+                 "band_gru": args.stream_band_gru}
                 if stream else
                 {"n_fft": M.N_FFT, "stft_hop_samp": M.STFT_HOP_SAMP, "window_samp": args.segment_samp})
     return {"arch": args.arch, "base_ch": args.base_ch, **geometry, "sample_rate": M.SAMPLE_RATE, "context_samp": 0,

@@ -111,6 +111,7 @@ def test_stream_model_is_within_the_parameter_budget():
     assert M.count_parameters(M.StreamNet(208, bands=48)) <= 500_000  # bands: the weights go to the GRUs
     assert M.count_parameters(M.StreamNet(200, bands=48, mask="complex", phase=True)) <= 500_000
     assert M.count_parameters(M.StreamNet(200, bands=48, head=16)) <= 500_000
+    assert M.count_parameters(M.StreamNet(200, bands=48, head=16, band_gru=16)) <= 500_000
 
 
 def test_erb_bands_keep_the_low_bins_and_share_every_high_bin_out():
@@ -159,17 +160,24 @@ def test_stream_framing_with_unit_mask_gives_the_input_back():
     assert torch.allclose(out, x[:, :out.shape[1]], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind,bands,phase,head", [("real", 0, False, 0), ("complex", 0, False, 0),
-                                                   ("real", 48, False, 0), ("complex", 48, False, 0),
-                                                   ("complex", 48, True, 0), ("real", 48, False, 8)])
-def test_stream_steps_equal_the_whole_utterance(kind, bands, phase, head):
+def _trained_head(net):
+    """A head's and a per-band GRU's output layers start at zero (they add nothing yet): give them (and the rest
+    of the head) weights to check."""
+    for name in ("refine", "along_out"):
+        for p in getattr(net, name).parameters() if hasattr(net, name) else ():
+            torch.nn.init.normal_(p, std=0.3)
+    return net
+
+
+@pytest.mark.parametrize("kind,bands,phase,head,band_gru", [("real", 0, False, 0, 0), ("complex", 0, False, 0, 0),
+                                                        ("real", 48, False, 0, 0), ("complex", 48, False, 0, 0),
+                                                        ("complex", 48, True, 0, 0), ("real", 48, False, 8, 0),
+                                                        ("real", 48, False, 8, 6)])
+def test_stream_steps_equal_the_whole_utterance(kind, bands, phase, head, band_gru):
     """Frame by frame with the state carried equals one pass over the utterance, over more frames than the
     running mean's chunk (256), from a zero state and from a state left by earlier audio."""
     torch.manual_seed(0)
-    net = M.StreamNet(hidden=32, mask=kind, bands=bands, phase=phase, head=head).eval()
-    if head:  # its last layer starts at zero (the head adds nothing yet): give it weights to check
-        for p in net.refine[-1].parameters():
-            torch.nn.init.normal_(p)
+    net = _trained_head(M.StreamNet(32, mask=kind, bands=bands, phase=phase, head=head, band_gru=band_gru).eval())
     spec = M.stream_frames(torch.randn(2, 340 * M.STREAM_HOP_SAMP) * 0.1)
     logmag, ph = M.stream_log_magnitude(spec), M.stream_phase(spec, net.phase_bins) if phase else None
     at = lambda t: None if ph is None else ph[:, t]
@@ -192,13 +200,11 @@ def test_stream_steps_equal_the_whole_utterance(kind, bands, phase, head):
         assert whole.square().sum(2).sqrt().max() < 1  # a complex gain's length: it can only remove
 
 
-@pytest.mark.parametrize("mask,bands,head", [("real", 0, 0), ("complex", 0, 0), ("real", 48, 0), ("real", 48, 8)])
-def test_stream_model_is_causal(mask, bands, head):
+@pytest.mark.parametrize("mask,bands,head,band_gru", [("real", 0, 0, 0), ("complex", 0, 0, 0), ("real", 48, 0, 0),
+                                                  ("real", 48, 8, 0), ("real", 48, 8, 6)])
+def test_stream_model_is_causal(mask, bands, head, band_gru):
     """Changing frame 50 changes no mask before it."""
-    net = M.StreamNet(hidden=32, mask=mask, bands=bands, head=head).eval()
-    if head:
-        for p in net.refine[-1].parameters():
-            torch.nn.init.normal_(p)
+    net = _trained_head(M.StreamNet(hidden=32, mask=mask, bands=bands, head=head, band_gru=band_gru).eval())
     a = torch.randn(1, 80, 257)
     b = a.clone()
     b[:, 50] += 3
@@ -226,26 +232,31 @@ def test_convolution_head_starts_as_the_plain_model_and_sees_neighbouring_bands(
         local = torch.randn(1, 1, 2 * w)
         moved = local.clone()
         moved[..., 20] += 1  # input 20's normalised log-magnitude
-        delta = (headed.refined(raw, moved) - headed.refined(raw, local))[0, 0].abs()
+        delta = (headed.refined(raw, moved)[0] - headed.refined(raw, local)[0])[0, 0].abs()
     assert delta[14:27].gt(0).sum() >= 10 and not delta[:14].any() and not delta[27:].any()
-    with pytest.raises(ValueError, match="refines a real mask"):
-        M.StreamNet(32, mask="complex", head=8)
 
 
-def test_phase_features_are_the_low_bins_unit_phasors_and_a_phase_model_needs_them():
-    """stream_phase gives cos and sin of the lowest bins' phase (unit length, 0 at a silent bin); a StreamNet
-    built with phase=True takes them as extra inputs and refuses to run without them."""
-    spec = M.stream_frames(torch.randn(1, 8000))
-    spec[..., 3] = 0
-    ph = M.stream_phase(spec, M.STREAM_LINEAR_BINS)
-    lin = M.STREAM_LINEAR_BINS
-    assert ph.shape == (*spec.shape[:-1], 2 * lin)
-    length = torch.sqrt(ph[..., :lin] ** 2 + ph[..., lin:] ** 2)
-    assert torch.allclose(length[..., 4:], torch.ones_like(length[..., 4:]), atol=1e-4) and not length[..., 3].any()
-    assert torch.allclose(torch.atan2(ph[..., lin + 5], ph[..., 5]), torch.angle(spec[..., 5]), atol=1e-4)
-    net = M.StreamNet(32, mask="complex", phase=True)
-    assert net.phase_bins == lin and net.inp.in_features == 2 * net.width + 2 * lin
-    with pytest.raises(ValueError, match="pass phase"):
-        net(M.stream_log_magnitude(spec))
-    out, mask = M.enhance_stream(net, torch.randn(1, 8000))
-    assert mask.shape[-2:] == (2, 257)
+def test_band_gru_starts_as_the_head_model_and_gives_each_band_a_memory():
+    """With its output layer at zero a per-band GRU model gives exactly the head model's mask (so it can start
+    from a head model's weights); once trained, a change in one input in one frame reaches that input's and its
+    neighbours' later frames, with the rest of the model's memory held still, and no band beyond the
+    convolution's reach. It needs a head."""
+    torch.manual_seed(0)
+    headed, banded = M.StreamNet(32, bands=48, head=8).eval(), M.StreamNet(32, bands=48, head=8, band_gru=6).eval()
+    missing, unexpected = banded.load_state_dict(headed.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("along") for k in missing)
+    logmag = torch.randn(1, 30, 257) - 5
+    with torch.no_grad():
+        assert torch.equal(headed(logmag), banded(logmag))
+        _trained_head(banded)
+        w = banded.width
+        raw, local = torch.randn(1, 4, 3 * w), torch.randn(1, 4, 2 * w)
+        moved = local.clone()
+        moved[:, 0, 20] += 1  # input 20's normalised log-magnitude, in the first frame only
+        h3 = torch.zeros(1, w, 6)
+        delta = (banded.refined(raw, moved, h3)[0] - banded.refined(raw, local, h3)[0])[0].abs()
+        plain = (headed.refined(raw, moved)[0] - headed.refined(raw, local)[0])[0].abs()
+    assert not plain[1:].any()  # the head alone forgets the frame at once
+    assert delta[1:, 14:27].gt(0).sum() >= 3 * 10 and not delta[:, :14].any() and not delta[:, 27:].any()
+    with pytest.raises(ValueError, match="inside the convolution head"):
+        M.StreamNet(32, bands=48, band_gru=8)

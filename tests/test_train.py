@@ -371,6 +371,48 @@ def test_convolution_head_stream_model_trains_resumes_and_exports(tiny_corpus, t
         train.main(tiny_args(tiny_corpus, tmp_path / "bad", *STREAM, "--stream-head", "4", "--stream-mask", "complex"))
 
 
+def test_band_gru_starts_from_a_head_model_resumes_and_exports(tiny_corpus, tmp_path, monkeypatch):
+    """--stream-band-gru 4 from a head model's weights (--init-from: the new layers start at zero, so the first
+    validation scores the head model's mask), kept on --resume, exported with metadata band_gru=4 and each band's
+    GRU state in the state, run by the pipeline and equal frame by frame to PyTorch; refused without a head,
+    and a head model refused as the start of a model without one."""
+    import export_model
+    import ml_denoiser_pipeline as P
+    import onnxruntime as ort
+    monkeypatch.chdir(tmp_path)
+    base = [*STREAM, "--stream-head", "4", "--stream-bands", "16", "--steps-per-epoch", "4", *PLAIN_FLAGS]
+    assert train.main(tiny_args(tiny_corpus, tmp_path / "hd", *base, "--epochs", "1")) == 0
+    out = tmp_path / "bg"
+    flags = [*base, "--stream-band-gru", "4", "--init-from", str(tmp_path / "hd" / "last.pt")]
+    assert train.main(tiny_args(tiny_corpus, out, *flags, "--epochs", "1")) == 0
+    import csv
+    rows = lambda run: list(csv.DictReader(open(tmp_path / run / "train_log.csv")))
+    start, head_end = rows("bg")[0], rows("hd")[-1]  # the same fixed validation windows and dev pairs
+    assert start["epoch"] == "0" and (start["val_si_snr"], start["select"]) == (head_end["val_si_snr"],
+                                                                               head_end["select"])
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["config"]["band_gru"] == 4 and ck["model"]["along.weight_hh_l0"].shape == (12, 4)
+    with pytest.raises(SystemExit, match="band_gru 4, not 0"):
+        train.main(tiny_args(tiny_corpus, out, "--resume", "--epochs", "2", "--stream-band-gru", "0"))
+    assert train.main(tiny_args(tiny_corpus, out, "--resume", "--epochs", "2", "--steps-per-epoch", "4")) == 0
+    onnx_path = tmp_path / "bg.onnx"
+    assert export_model.main(["--checkpoint", str(out / "last.pt"), "--output", str(onnx_path), "--dev", ""]) == 0
+    sess = ort.InferenceSession(str(onnx_path))
+    meta = sess.get_modelmeta().custom_metadata_map
+    width = M.STREAM_LINEAR_BINS + 16
+    assert meta["band_gru"] == "4" and meta["state_size"] == str(width + 2 * 32 + width * 4)
+    net, _ = export_model.load_checkpoint(out / "last.pt")
+    assert export_model.stream_parity(net, sess, "") < 1e-5  # the mask in [0, 1], frame by frame from zero state
+    chain = P.make_chain(P.default_config(model=str(onnx_path)))
+    y = chain.process(0.1 * np.random.default_rng(0).standard_normal(4096).astype(np.float32))
+    assert isinstance(chain, P.StreamChain) and np.isfinite(y).all() and np.abs(y).max() > 0
+    with pytest.raises(SystemExit, match="--stream-band-gru sits inside the convolution head"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "bad", *STREAM, "--stream-band-gru", "4"))
+    with pytest.raises(SystemExit, match="another width"):
+        train.main(tiny_args(tiny_corpus, tmp_path / "bad", *STREAM, "--stream-bands", "16", "--epochs", "1",
+                             "--init-from", str(out / "last.pt")))
+
+
 def test_phase_input_stream_model_trains_resumes_and_is_not_exported(tiny_corpus, tmp_path, monkeypatch):
     """--stream-phase: the low bins' noisy phase as extra inputs, recorded in the recipe and kept on --resume
     (an older checkpoint without the key resumes without it); the export refuses it in one line, since the
