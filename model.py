@@ -375,13 +375,17 @@ class StreamNet(nn.Module):
         band keeps its own memory of how it has sounded, where the GRUs before share one memory for the whole
         frame. Returns the logits and the new h3."""
         w, (b, t) = self.width, raw.shape[:2]
-        x = torch.cat([raw, local], -1).reshape(-1, self.refine[0].in_channels, w)
-        x = self.refine[1](self.refine[0](x))  # [B x T, head, width]
-        if self.band_gru:
-            x = x.reshape(b, t, -1, w).permute(0, 3, 1, 2).reshape(b * w, t, -1)  # a sequence over time per band
+        # Each frame an image one band high, channels last: twice as fast to train on this CPU as Conv1d's layout
+        # (the same weights, the same numbers to rounding).
+        x = torch.cat([raw, local], -1).reshape(-1, self.refine[0].in_channels, 1, w)
+        x = torch.relu(_conv_across(self.refine[0], x.contiguous(memory_format=torch.channels_last)))
+        if self.band_gru:  # [B x T, head, 1, width] -> a sequence over time per band, and back
+            x = x.permute(0, 2, 3, 1).reshape(b, t, w, -1).transpose(1, 2).reshape(b * w, t, -1)
             y, h3 = self.along(x, h3)
-            x = (x + self.along_out(y)).reshape(b, w, t, -1).permute(0, 2, 3, 1).reshape(b * t, -1, w)
-        return raw[..., :w] + self.refine[2:](x).reshape(b, t, w), h3
+            x = (x + self.along_out(y)).reshape(b, w, t, -1).permute(0, 2, 3, 1).reshape(b * t, -1, 1, w)
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = _conv_across(self.refine[4], torch.relu(_conv_across(self.refine[2], x)))
+        return raw[..., :w] + x.reshape(b, t, w), h3
 
     def to_mask(self, raw):
         if self.mask == "real":
@@ -399,7 +403,7 @@ class StreamNet(nn.Module):
         b, h, e = self.width, self.hidden, self.width + 2 * self.hidden
         h3 = state[:, e:].reshape(1, -1, self.band_gru).contiguous() if self.band_gru else None
         return (state[:, :b] + NORM_INIT, state[:, None, b:b + h].transpose(0, 1).contiguous(),
-                state[:, None, b + h:e].transpose(0, 1).contiguous(), h3)
+                state[:, None, b + h:e if h3 is not None else None].transpose(0, 1).contiguous(), h3)
 
     def forward(self, logmag, state=None, phase=None):
         if state is None:
@@ -417,7 +421,14 @@ class StreamNet(nn.Module):
         mask, h1, h2, h3 = self.core(feats[:, None], mu[:, None], h1, h2, h3,
                                      None if phase is None else phase[:, None])
         parts = [mu - NORM_INIT, h1[0], h2[0]] + ([h3[0].reshape(mu.shape[0], -1)] if self.band_gru else [])
-        return mask[:, 0], torch.cat(parts, -1)
+        new_state = torch.cat(parts, -1)
+        return mask[:, 0], new_state
+
+
+def _conv_across(conv, x):
+    """A Conv1d's weights applied as a Conv2d to [N, C, 1, width]."""
+    return nn.functional.conv2d(x, conv.weight[:, :, None], conv.bias, padding=(0, conv.padding[0]),
+                                dilation=(1, conv.dilation[0]))
 
 
 class StreamStep(nn.Module):
