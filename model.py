@@ -402,6 +402,7 @@ class StreamNet(nn.Module):
         per-band GRU's [1, B x width, band_gru] (None without it)."""
         b, h, e = self.width, self.hidden, self.width + 2 * self.hidden
         h3 = state[:, e:].reshape(1, -1, self.band_gru).contiguous() if self.band_gru else None
+        # Without a per-band GRU gru2's slice stays open-ended, so models without one export the same graph as before
         return (state[:, :b] + NORM_INIT, state[:, None, b:b + h].transpose(0, 1).contiguous(),
                 state[:, None, b + h:e if h3 is not None else None].transpose(0, 1).contiguous(), h3)
 
